@@ -1,0 +1,1 @@
+"""Flax models: the conditional diffusion UNet and the Pix2Pix baseline."""

@@ -1,0 +1,1 @@
+"""TFDS dataset builders of ctdiff_jax (importing registers them with TFDS)."""
