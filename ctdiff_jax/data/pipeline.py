@@ -1,0 +1,194 @@
+"""Grain input pipeline over TFDS slice records (array_record), with on-the-fly masks.
+
+    source = load_source(data_dir, "kidneys", "train")
+    loader = create_loader(source, config.data, batch_shape=(jax.local_device_count(), 8),
+                           seed=config.seed)
+    it = iter(loader)            # checkpointable: it.get_state() / it.set_state(state)
+    batch = next(it)             # dict of numpy arrays with leading dims batch_shape
+
+Batches hold `image`, `mask`, `cond`, `labels`, `slice_index` (see data/transforms.py), each
+with leading dims `batch_shape`, plus `valid` when `drop_remainder=False`.
+
+Data config fields (`default_data_config()`; the lead embeds it as `config.data`):
+
+  dataset           TFDS builder config name under ct_slices/, e.g. 'kidneys'.
+  data_dir          TFDS data dir (holds ct_slices/<dataset>/<version>/).
+  image_size        Slice size in pixels (the dataset is built at this size).
+  spacing_mm        In-plane pixel spacing (mm) used for mm-based masks when a record carries
+                    none; records' own `spacing_mm` wins.
+  hu_window         (lo, hi) HU mapped to [-1, 1] (values outside are clipped).
+  mask_mode         'organ' | 'bbox' | 'shape' | 'mixed' (see data/masks.py). Organ-free slices
+                    in organ/bbox mode get a 'shape' mask.
+  mask_labels       Label ids whose union is the organ region; () = every organ (label > 0).
+  dilation_mm       organ mode: grow the organ mask by this many mm.
+  bbox_margin_mm    bbox mode: margin around the organ bounding box (mm, rounded up to pixels).
+  shape_area        shape mode: (lo, hi) fraction of the image the random mask covers.
+  shape_kinds       shape mode: subset of ('ellipse', 'polygon', 'brush').
+  mixed_weights     mixed mode: weights of (organ, bbox, shape).
+  neighbours        Add the windowed previous/next slices to `cond` (cond_channels 2 -> 4).
+  flip_lr_prob      Probability of a left-right flip (0: anatomy has laterality).
+  translate_px      Max random translation in pixels, shifting in air (0 = off).
+  intensity_jitter  j > 0: image (and neighbours) -> clip(x * (1 + a) + b), a, b ~ U(-j, j).
+  worker_count      Grain worker processes (0 = load in the main process).
+  worker_buffer_size  Batches each worker prepares ahead.
+
+The seed is not a data field: callers pass the run's seed to `create_loader`.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any, Sequence
+
+import grain.python as grain
+import ml_collections
+
+from ctdiff_jax.data import masks
+from ctdiff_jax.data import transforms
+from ctdiff_jax.data.transforms import cond_channels  # pylint: disable=unused-import
+
+BUILDER_NAME = "ct_slices"
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Defaults for every data field documented in the module docstring."""
+  cfg = ml_collections.ConfigDict()
+  cfg.dataset = "kidneys"
+  cfg.data_dir = ""
+  cfg.image_size = 256
+  cfg.spacing_mm = 1.5
+  cfg.hu_window = (-1000.0, 1000.0)
+  cfg.mask_mode = "organ"
+  cfg.mask_labels = ()
+  cfg.dilation_mm = 0.0
+  cfg.bbox_margin_mm = 10.0
+  cfg.shape_area = (0.05, 0.3)
+  cfg.shape_kinds = masks.SHAPE_KINDS
+  cfg.mixed_weights = (1.0, 1.0, 1.0)
+  cfg.neighbours = False
+  cfg.flip_lr_prob = 0.0
+  cfg.translate_px = 0
+  cfg.intensity_jitter = 0.0
+  cfg.worker_count = 0
+  cfg.worker_buffer_size = 1
+  return cfg
+
+
+def ensure_flags_parsed() -> None:
+  """Grain reads absl flags; outside absl.app (tests, notebooks) mark them parsed with defaults."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class ListSource(grain.RandomAccessDataSource):
+  """A list of records as a Grain data source (tests, small in-memory sets)."""
+
+  def __init__(self, items: Sequence[Any]):
+    self._items = list(items)
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, index: int):
+    return self._items[index]
+
+  def __repr__(self) -> str:
+    return f"ListSource(len={len(self._items)})"
+
+
+def dataset_dir(data_dir: str | pathlib.Path, dataset_name: str) -> pathlib.Path:
+  """The newest version directory of `<data_dir>/ct_slices/<dataset_name>/`."""
+  root = pathlib.Path(data_dir).expanduser() / BUILDER_NAME / dataset_name
+  versions = []
+  if root.is_dir():
+    for d in root.iterdir():
+      parts = d.name.split(".")
+      if d.is_dir() and len(parts) == 3 and all(p.isdigit() for p in parts) and (
+          d / "dataset_info.json").exists():
+        versions.append((tuple(int(p) for p in parts), d))
+  if not versions:
+    raise FileNotFoundError(
+        f"no built dataset at {root}/<version>/ (build it with "
+        f"`python -m ctdiff_jax.build_dataset --dataset={dataset_name} --data_dir={data_dir}`)")
+  return max(versions)[1]
+
+
+def load_source(data_dir: str | pathlib.Path, dataset_name: str, split: str):
+  """The TFDS random-access data source of one split (no TensorFlow needed).
+
+  Tries the registered builder (`tfds.data_source("ct_slices/<name>")`, download=False) and
+  falls back to reading the directory's own metadata (`tfds.builder_from_directory`).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  first_error = None
+  try:
+    import data_builders.ct_slices  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+    return tfds.data_source(f"{BUILDER_NAME}/{dataset_name}", split=split,
+                            data_dir=str(data_dir), download=False)
+  except Exception as e:  # pylint: disable=broad-except
+    first_error = e
+  path = dataset_dir(data_dir, dataset_name)
+  builder = tfds.builder_from_directory(str(path))
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset {path} has no split {split!r} (splits: "
+                     f"{sorted(builder.info.splits)}); registered builder said: {first_error}")
+  return builder.as_data_source(split=split)
+
+
+def create_loader(
+    data_source,
+    data_cfg: Any,
+    *,
+    batch_shape: tuple[int, ...],
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int | None = None,
+    drop_remainder: bool = True,
+    shard_by_process: bool = True,
+) -> grain.DataLoader:
+  """A Grain DataLoader yielding dicts of numpy arrays with leading dims `batch_shape`.
+
+  Args:
+    data_source: a Grain RandomAccessDataSource of slice records (e.g. `load_source(...)`).
+    data_cfg: the data config (see module docstring).
+    batch_shape: leading batch dims, e.g. (local_device_count, per_device_batch).
+    seed: shuffling and mask/augmentation randomness (same seed -> same batches).
+    shuffle: global shuffle each epoch.
+    num_epochs: None repeats forever.
+    worker_count: Grain worker processes; None -> data_cfg.worker_count (default 0).
+    drop_remainder: drop a short final batch; if False it is padded and batches carry `valid`.
+    shard_by_process: give each JAX process a disjoint shard of the records.
+  """
+  ensure_flags_parsed()
+  batch_shape = tuple(int(d) for d in batch_shape)
+  if not batch_shape or any(d < 1 for d in batch_shape):
+    raise ValueError(f"batch_shape must be non-empty positive dims, got {batch_shape}")
+  if len(data_source) == 0:
+    raise ValueError(f"data source {data_source!r} is empty")
+  if worker_count is None:
+    worker_count = int(getattr(data_cfg, "worker_count", 0))
+  shard = (grain.ShardByJaxProcess(drop_remainder=True) if shard_by_process
+           else grain.NoSharding())
+  sampler = grain.IndexSampler(
+      num_records=len(data_source),
+      shard_options=shard,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      seed=int(seed),
+  )
+  operations = [
+      transforms.MakeExample(data_cfg),
+      grain.Batch(math.prod(batch_shape), drop_remainder=drop_remainder),
+      transforms.ReshapeBatch(batch_shape, pad=not drop_remainder),
+  ]
+  return grain.DataLoader(
+      data_source=data_source,
+      sampler=sampler,
+      operations=operations,
+      worker_count=worker_count,
+      worker_buffer_size=int(getattr(data_cfg, "worker_buffer_size", 1)),
+      shard_options=shard,
+  )

@@ -1,0 +1,259 @@
+"""HU windowing and the Grain transforms that turn slice records into model examples.
+
+This is an importable module (not a closure in pipeline code) so Grain worker processes can
+unpickle the transforms.
+
+`hu_to_unit` / `unit_to_hu` are the one place that maps Hounsfield units to the model's [-1, 1]
+range and back; training, sampling and export all use them.
+
+Per record (see ctdiff_jax/records.py), `MakeExample` produces:
+
+  image        float32 (H, W, 1) in [-1, 1]   windowed CT slice
+  mask         float32 (H, W, 1) in {0, 1}    1 = region to regenerate (see data/masks.py)
+  cond         float32 (H, W, C)              concat([image * (1 - mask), mask]
+                                                     + [prev, next] if neighbours)
+  labels       uint8   (H, W, 1)
+  slice_index  int32   ()
+
+The masked region of cond's first channel is 0, i.e. mid-grey in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import grain.python as grain
+import numpy as np
+
+from ctdiff_jax import records
+from ctdiff_jax.data import masks
+
+DEFAULT_WINDOW = (-1000.0, 1000.0)
+# HU used for pixels shifted in by a random translation (air).
+AIR_HU = -1024
+
+
+def _is_jax(x) -> bool:
+  return type(x).__module__.startswith(("jax", "jaxlib"))
+
+
+def _check_window(window) -> tuple[float, float]:
+  lo, hi = float(window[0]), float(window[1])
+  if not hi > lo:
+    raise ValueError(f"HU window must have lo < hi, got {tuple(window)}")
+  return lo, hi
+
+
+def hu_to_unit(hu, window=DEFAULT_WINDOW):
+  """HU -> float32 in [-1, 1]: clip to the window, then map lo -> -1 and hi -> +1.
+
+  Works on numpy arrays/scalars (returns numpy float32) and on jax arrays (returns jax float32).
+  """
+  lo, hi = _check_window(window)
+  if _is_jax(hu):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    x = jnp.asarray(hu, jnp.float32)
+    return jnp.clip((x - lo) * (2.0 / (hi - lo)) - 1.0, -1.0, 1.0)
+  x = np.asarray(hu, np.float64)
+  return np.clip((x - lo) * (2.0 / (hi - lo)) - 1.0, -1.0, 1.0).astype(np.float32)
+
+
+def unit_to_hu(x, window=DEFAULT_WINDOW):
+  """[-1, 1] -> HU (the inverse of hu_to_unit inside the window; values are clipped to [-1, 1]).
+
+  Numpy input gives float64 if it was float64, else float32; jax input gives a jax array.
+  """
+  lo, hi = _check_window(window)
+  if _is_jax(x):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    return (jnp.clip(x, -1.0, 1.0) + 1.0) * (0.5 * (hi - lo)) + lo
+  x = np.asarray(x)
+  dtype = np.float64 if x.dtype == np.float64 else np.float32
+  out = (np.clip(x.astype(np.float64), -1.0, 1.0) + 1.0) * (0.5 * (hi - lo)) + lo
+  return out.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleConfig:
+  """The plain, picklable subset of the data config that `MakeExample` needs."""
+
+  hu_window: tuple[float, float] = DEFAULT_WINDOW
+  mask_mode: str = "organ"
+  mask_labels: tuple[int, ...] = ()
+  dilation_mm: float = 0.0
+  bbox_margin_mm: float = 10.0
+  shape_area: tuple[float, float] = (0.05, 0.3)
+  shape_kinds: tuple[str, ...] = masks.SHAPE_KINDS
+  mixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+  neighbours: bool = False
+  spacing_mm: float = 1.0
+  flip_lr_prob: float = 0.0
+  translate_px: int = 0
+  intensity_jitter: float = 0.0
+
+  def __post_init__(self):
+    _check_window(self.hu_window)
+    if self.mask_mode not in masks.MODES:
+      raise ValueError(f"unknown mask_mode {self.mask_mode!r}; expected one of {masks.MODES}")
+    if not 0.0 <= self.flip_lr_prob <= 1.0:
+      raise ValueError(f"flip_lr_prob must be in [0, 1], got {self.flip_lr_prob}")
+    if self.translate_px < 0 or self.intensity_jitter < 0:
+      raise ValueError("translate_px and intensity_jitter must be >= 0")
+
+  @classmethod
+  def from_data_config(cls, cfg: Any) -> "ExampleConfig":
+    """Reads the matching fields of a data config (ConfigDict or any attribute object)."""
+    kw = {}
+    for f in dataclasses.fields(cls):
+      if hasattr(cfg, f.name):
+        v = getattr(cfg, f.name)
+        if isinstance(f.default, tuple) and v is not None:
+          v = tuple(v)
+        kw[f.name] = v
+    kw["mask_labels"] = tuple(int(i) for i in kw.get("mask_labels", ()))
+    kw["translate_px"] = int(kw.get("translate_px", 0))
+    return cls(**kw)
+
+
+def cond_channels(cfg: Any) -> int:
+  """Channels of `cond`: masked image + mask, plus prev/next slices when neighbours is on."""
+  return 4 if bool(getattr(cfg, "neighbours", False)) else 2
+
+
+def pixel_spacing(record: Mapping[str, Any], default_mm: float) -> tuple[float, float]:
+  """(row_mm, col_mm) of a record's pixels.
+
+  The record stores (x, y, z) spacing; slices are laid out image[row=y, col=x], so rows take y.
+  Falls back to `default_mm` when the record has no spacing.
+  """
+  sp = record.get(records.SPACING_MM)
+  if sp is None:
+    return (float(default_mm), float(default_mm))
+  sp = np.asarray(sp, np.float64).reshape(-1)
+  return (float(sp[1]), float(sp[0]))
+
+
+def _translate(x: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
+  out = np.full_like(x, fill)
+  h, w = x.shape[:2]
+  src = x[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+  out[max(dy, 0):max(dy, 0) + src.shape[0], max(dx, 0):max(dx, 0) + src.shape[1]] = src
+  return out
+
+
+def _field(record: Mapping[str, Any], key: str) -> np.ndarray:
+  try:
+    x = np.asarray(record[key])
+  except KeyError:
+    raise KeyError(f"slice record lacks {key!r} (has {sorted(record)})") from None
+  if x.ndim == 2:
+    x = x[..., None]
+  if x.ndim != 3 or x.shape[-1] != 1:
+    raise ValueError(f"record field {key!r} must be (H, W, 1), got {x.shape}")
+  return x
+
+
+def make_example(
+    record: Mapping[str, Any], cfg: ExampleConfig, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+  """One model example from one slice record (see the module docstring)."""
+  image = _field(record, records.IMAGE)
+  labels = _field(record, records.LABELS).astype(np.uint8)
+  if labels.shape != image.shape:
+    raise ValueError(f"labels shape {labels.shape} != image shape {image.shape} "
+                     f"(case {record.get(records.CASE_ID)!r})")
+  hu = {records.IMAGE: image}
+  if cfg.neighbours:
+    hu[records.PREV_IMAGE] = _field(record, records.PREV_IMAGE)
+    hu[records.NEXT_IMAGE] = _field(record, records.NEXT_IMAGE)
+
+  # Geometric augmentation first so the mask is computed on the augmented labels.
+  if cfg.flip_lr_prob > 0 and rng.uniform() < cfg.flip_lr_prob:
+    hu = {k: v[:, ::-1] for k, v in hu.items()}
+    labels = labels[:, ::-1]
+  if cfg.translate_px > 0:
+    dy, dx = (int(v) for v in rng.integers(-cfg.translate_px, cfg.translate_px + 1, size=2))
+    hu = {k: _translate(v, dy, dx, AIR_HU) for k, v in hu.items()}
+    labels = _translate(labels, dy, dx, 0)
+
+  unit = {k: hu_to_unit(v, cfg.hu_window) for k, v in hu.items()}
+  if cfg.intensity_jitter > 0:
+    j = cfg.intensity_jitter
+    scale, shift = 1.0 + rng.uniform(-j, j), rng.uniform(-j, j)
+    unit = {k: np.clip(v * scale + shift, -1.0, 1.0).astype(np.float32) for k, v in unit.items()}
+
+  mask = masks.make_mask(
+      labels[..., 0], cfg.mask_mode, rng,
+      label_ids=cfg.mask_labels,
+      dilation_mm=cfg.dilation_mm,
+      bbox_margin_mm=cfg.bbox_margin_mm,
+      spacing_mm=pixel_spacing(record, cfg.spacing_mm),
+      shape_area=cfg.shape_area,
+      shape_kinds=cfg.shape_kinds,
+      mixed_weights=cfg.mixed_weights,
+  )[..., None]
+  image_u = unit[records.IMAGE]
+  parts = [image_u * (1.0 - mask), mask]
+  if cfg.neighbours:
+    parts += [unit[records.PREV_IMAGE], unit[records.NEXT_IMAGE]]
+  return {
+      "image": np.ascontiguousarray(image_u, np.float32),
+      "mask": np.ascontiguousarray(mask, np.float32),
+      "cond": np.ascontiguousarray(np.concatenate(parts, axis=-1), np.float32),
+      "labels": np.ascontiguousarray(labels, np.uint8),
+      "slice_index": np.int32(record.get(records.SLICE_INDEX, -1)),
+  }
+
+
+class MakeExample(grain.RandomMapTransform):
+  """Grain RandomMap: slice record -> model example, with the mask drawn from Grain's rng."""
+
+  def __init__(self, cfg: ExampleConfig | Any):
+    self.cfg = cfg if isinstance(cfg, ExampleConfig) else ExampleConfig.from_data_config(cfg)
+
+  def random_map(self, element, rng: np.random.Generator):
+    return make_example(element, self.cfg, rng)
+
+
+def _tree_map(fn, tree):
+  if isinstance(tree, Mapping):
+    return {k: _tree_map(fn, v) for k, v in tree.items()}
+  return fn(tree)
+
+
+class ReshapeBatch(grain.MapTransform):
+  """Reshapes the leading (flat batch) dimension of every leaf to `batch_shape`.
+
+  With `pad=True` a short final batch is padded by repeating its last example and every batch
+  gets `valid`: float32 `batch_shape` (1 = real example, 0 = padding).
+  """
+
+  def __init__(self, batch_shape: Sequence[int], pad: bool = False):
+    self.batch_shape = tuple(int(d) for d in batch_shape)
+    self.size = int(np.prod(self.batch_shape))
+    self.pad = pad
+
+  def map(self, element):
+    n = len(next(iter(_flat_leaves(element))))
+    if n != self.size and not self.pad:
+      raise ValueError(f"batch of {n} cannot be reshaped to {self.batch_shape}")
+
+    def fix(x):
+      x = np.asarray(x)
+      if x.shape[0] < self.size:
+        x = np.concatenate([x, np.repeat(x[-1:], self.size - x.shape[0], axis=0)])
+      return x.reshape(self.batch_shape + x.shape[1:])
+
+    out = _tree_map(fix, element)
+    if self.pad:
+      out["valid"] = (np.arange(self.size) < n).astype(np.float32).reshape(self.batch_shape)
+    return out
+
+
+def _flat_leaves(tree):
+  if isinstance(tree, Mapping):
+    for v in tree.values():
+      yield from _flat_leaves(v)
+  else:
+    yield tree

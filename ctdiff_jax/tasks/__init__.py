@@ -1,0 +1,19 @@
+"""Model families the one trainer runs: each is a `Task` (state init, per-device step, generate).
+
+A task's `train_step(state, batch, key_data)` and `generate(variables, batch, key_data)` are
+per-device functions that reduce with `lax.pmean(..., parallel.AXIS)`; `ctdiff_jax.parallel`
+maps them with pmap or shard_map. The trainer (`train_lib`) is shared: no second loop.
+"""
+
+from __future__ import annotations
+
+
+def get_task(config, cond_channels: int):
+  family = config.model_family
+  if family == "diffusion":
+    from ctdiff_jax.tasks import diffusion_task  # pylint: disable=g-import-not-at-top
+    return diffusion_task.DiffusionTask(config, cond_channels)
+  if family == "pix2pix":
+    from ctdiff_jax.tasks import pix2pix_task  # pylint: disable=g-import-not-at-top
+    return pix2pix_task.Pix2PixTask(config, cond_channels)
+  raise ValueError(f"config.model_family must be 'diffusion' or 'pix2pix', got {family!r}")

@@ -1,0 +1,110 @@
+"""The conditional diffusion task: UNet init, the per-device train step, jitted inpainting.
+
+Randomness is drawn per example from `fold_in(fold_in(seed_key, step), global_example_index)`,
+so timesteps and noise do not depend on how the global batch is split over devices: the
+1-device and N-device steps see the same numbers (with dropout 0; dropout keys are per device).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import optax
+
+from ctdiff_jax import diffusion
+from ctdiff_jax import parallel
+from ctdiff_jax import sampling
+from ctdiff_jax import train_state as ts
+from ctdiff_jax.models import unet
+
+NET = "unet"
+
+
+def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
+  """One key per local example, indexed by its position in the global batch."""
+  first = lax.axis_index(parallel.AXIS) * batch_size
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(batch_size))
+
+
+class DiffusionTask:
+  """Diffusion inpainting: predicts eps (or v) of the noisy slice given [masked image, mask]."""
+
+  nets = (NET,)
+
+  def __init__(self, config, cond_channels: int):
+    self.config = config
+    self.cond_channels = cond_channels
+    self.model = unet.create_model(config.model)
+    self.schedule = diffusion.make_schedule(config.diffusion.schedule,
+                                            config.diffusion.num_timesteps)
+    self.tx, self.lr = ts.make_optimizer(config.optim, config.num_train_steps)
+
+  # --- state -------------------------------------------------------------------------------
+  def init_params(self, key: jax.Array) -> Any:
+    return unet.init_variables(self.model, key, image_size=self.config.image_size,
+                               cond_channels=self.cond_channels)["params"]
+
+  def init_state(self, key: jax.Array) -> ts.TrainState:
+    params = self.init_params(key)
+    return ts.TrainState(step=jnp.zeros((), jnp.int32), nets={NET: ts.init_net(params, self.tx)})
+
+  def sampling_variables(self, state: ts.TrainState) -> dict[str, Any]:
+    """EMA params: what generation uses."""
+    return {"params": state.nets[NET].ema_params}
+
+  def apply(self, variables, x_t, t, cond, train=False, rngs=None):
+    return self.model.apply(variables, x_t, t, cond, train=train, rngs=rngs)
+
+  # --- training ----------------------------------------------------------------------------
+  def loss(self, params, batch, t, noise, dropout_key):
+    dcfg = self.config.diffusion
+    x0 = batch["image"]
+    x_t = diffusion.q_sample(self.schedule, x0, t, noise)
+    out = self.apply({"params": params}, x_t, t, batch["cond"], train=True,
+                     rngs={"dropout": dropout_key})
+    tgt = diffusion.target(self.schedule, x0, t, noise, dcfg.prediction)
+    w = 1.0 + dcfg.mask_weight * batch["mask"]
+    return jnp.sum(w * jnp.square(out - tgt)) / jnp.sum(w * jnp.ones_like(out))
+
+  def train_step(self, state: ts.TrainState, batch: dict[str, jax.Array],
+                 key_data: jax.Array) -> tuple[ts.TrainState, dict[str, jax.Array]]:
+    """Per-device step; `key_data` is the run's base key (raw uint32), same on every device."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
+    bsz = batch["image"].shape[0]
+    keys = example_keys(key, bsz)
+    t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
+                                              self.schedule.num_timesteps))(keys)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1),
+                                                 batch["image"].shape[1:]))(keys)
+    dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2**30),
+                                     lax.axis_index(parallel.AXIS))
+    net = state.nets[NET]
+    loss, grads = jax.value_and_grad(self.loss)(net.params, batch, t, noise, dropout_key)
+    loss = lax.pmean(loss, parallel.AXIS)
+    grads = lax.pmean(grads, parallel.AXIS)
+    finite = jnp.isfinite(loss) & ts.all_finite(grads)
+    new_net = ts.apply_gradients(net, grads, self.tx, self.config.optim.ema_decay)
+    # A non-finite step leaves the state untouched; the host aborts when it sees the flag.
+    new_net = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_net, net)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "learning_rate": self.lr(state.step), "finite": finite}
+    return ts.TrainState(step=state.step + 1, nets={NET: new_net}), metrics
+
+  # --- generation --------------------------------------------------------------------------
+  def generate(self, variables, batch: dict[str, jax.Array], key_data: jax.Array,
+               num_steps: int | None = None, sampler: str | None = None) -> jax.Array:
+    """Per-device inpainting of `batch` (image, mask, cond); returns [B, H, W, 1] in [-1, 1]."""
+    scfg = self.config.sampling
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), lax.axis_index(parallel.AXIS))
+    return sampling.sample(
+        self.apply, variables, self.schedule, batch, key,
+        sampler=sampler or scfg.sampler, num_steps=num_steps or scfg.num_steps, eta=scfg.eta,
+        prediction=self.config.diffusion.prediction, repaint=scfg.repaint,
+        resample=scfg.resample)
+
+  def generate_fn(self, **static):
+    return functools.partial(self.generate, **static)

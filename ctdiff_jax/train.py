@@ -1,0 +1,30 @@
+"""Training entry point: `python -m ctdiff_jax.train --config=configs/kidneys.py --workdir=W`.
+
+Any config field can be overridden on the command line (`--config.num_train_steps=100`); a
+variant is chosen after a colon (`--config=configs/kidneys.py:smoke`). Running again with the
+same workdir resumes from the latest checkpoint.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from ctdiff_jax import train_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sample grids.")
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/<x>.py[:variant]).", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.info("config:\n%s", FLAGS.config)
+  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

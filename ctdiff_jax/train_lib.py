@@ -1,0 +1,172 @@
+"""The trainer: `train_and_evaluate(config, workdir)` for every model family.
+
+Data-parallel over local devices (pmap or shard_map, `config.parallel`), Orbax checkpoints with
+the Grain iterator state (resume from the latest step, onto any device count), clu metrics,
+JSONL/TensorBoard writers on process 0, periodic sample grids, and a clear abort on NaN/Inf.
+Metrics stay on device and are pulled every `log_every_steps`: no host sync per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+from clu import metrics as clu_metrics
+from clu import parameter_overview
+import flax
+import jax
+import ml_collections
+import numpy as np
+
+from ctdiff_jax import checkpointing
+from ctdiff_jax import datasets
+from ctdiff_jax import parallel
+from ctdiff_jax import tasks
+from ctdiff_jax import visualize
+from ctdiff_jax import writers
+from ctdiff_jax.data import pipeline
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss or gradient."""
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+
+
+@dataclasses.dataclass
+class Runtime:
+  """What a trained/restored run needs to generate: task, devices, mapped fns, state."""
+  config: ml_collections.ConfigDict
+  task: Any
+  devices: list
+  mode: str
+  metadata: dict
+
+
+def setup_devices(config) -> tuple[list, str]:
+  if config.distributed:
+    jax.distributed.initialize()
+  devices = parallel.local_devices(config.num_devices or None)
+  return devices, config.parallel
+
+
+def make_task(config, metadata: dict | None = None):
+  del metadata
+  return tasks.get_task(config, pipeline.cond_channels(config.data))
+
+
+def _pull(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  host = jax.device_get([m for _, m in pending])
+  return [(s, jax.tree.map(lambda x: np.asarray(x)[0], m)) for (s, _), m in zip(pending, host)]
+
+
+def _sample_grid(state_r, batch, p_generate, key_data_r, num: int) -> np.ndarray:
+  """Ground truth | masked input | generated, for the first `num` examples of `batch`."""
+  out = p_generate(state_r, batch, key_data_r)
+  host = jax.device_get({"image": batch["image"], "mask": batch["mask"], "out": out})
+  flat = {k: np.reshape(v, (-1,) + v.shape[2:])[:num] for k, v in host.items()}
+  masked = flat["image"] * (1.0 - flat["mask"])
+  return visualize.comparison_grid([flat["image"], masked, flat["out"]], masks=flat["mask"])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       iterator_wrapper: Callable[[Iterator], Iterator] | None = None) -> Any:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
+
+  `iterator_wrapper` (tests) wraps the batch iterator, e.g. to inject a bad batch.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  devices, mode = setup_devices(config)
+  n_dev = len(devices)
+  logging.info("training %s on %d %s device(s), parallel=%s, workdir=%s", config.model_family,
+               n_dev, devices[0].platform, mode, workdir)
+
+  source, metadata = datasets.open_split(config, config.train_split)
+  loader = pipeline.create_loader(
+      source, config.data, batch_shape=(n_dev, config.per_device_batch_size), seed=config.seed,
+      worker_count=config.data.worker_count)
+  data_iter = iter(loader)
+
+  task = make_task(config, metadata)
+  key = jax.random.key(config.seed)
+  init_key, run_key = jax.random.split(key)
+  state = jax.jit(task.init_state)(init_key)
+  writer = writers.Writer(workdir)
+  if jax.process_index() == 0:
+    for name in task.nets:
+      parameter_overview.log_parameter_overview(state.nets[name].params, msg=f"{name} params")
+    writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
+
+  manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints,
+                                         async_save=config.async_checkpointing)
+  initial_step = 0
+  if manager.latest_step() is not None:
+    state, initial_step = checkpointing.restore(manager, checkpointing.abstract(state), data_iter)
+    logging.info("resuming at step %d", initial_step)
+  if initial_step >= config.num_train_steps:
+    logging.info("already trained to step %d >= num_train_steps", initial_step)
+    manager.close()
+    writer.close()
+    return state
+
+  state_r = parallel.replicate(jax.device_get(state), mode, devices)
+  key_data_r = parallel.replicate(jax.random.key_data(run_key), mode, devices)
+  p_train = parallel.device_map(task.train_step, mode, devices, donate_argnums=(0,))
+  p_generate = parallel.device_map(
+      lambda s, b, k: task.generate(task.sampling_variables(s), b, k), mode, devices)
+  hooks = writers.periodic_actions(workdir, config.num_train_steps, writer, config.profile)
+  batches = iterator_wrapper(data_iter) if iterator_wrapper else data_iter
+
+  pending: list[tuple[int, dict]] = []
+  metrics = None
+  t_log, s_log = time.time(), initial_step
+  step = initial_step
+  last_batch = None
+  try:
+    for step in range(initial_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = parallel.shard(next(batches), mode, devices)
+        state_r, step_metrics = p_train(state_r, batch, key_data_r)
+      last_batch = batch
+      pending.append((step, step_metrics))
+      for hook in hooks:
+        hook(step)
+      is_last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or is_last:
+        for s, m in _pull(pending):
+          if not bool(m["finite"]):
+            raise NonFiniteLossError(
+                f"non-finite loss/gradients at step {s} (loss={float(m['loss'])}); the update was "
+                f"skipped and training stopped. Last good checkpoint: step "
+                f"{manager.latest_step()} in {checkpointing.checkpoint_dir(workdir)}. Check the "
+                f"input data (NaN/Inf in a batch?) and the learning rate.")
+          update = TrainMetrics.single_from_model_output(
+              **{k: v for k, v in m.items() if k != "finite"})
+          metrics = update if metrics is None else metrics.merge(update)
+        pending = []
+        now = time.time()
+        scalars = metrics.compute()
+        scalars["steps_per_sec"] = (step - s_log) / max(now - t_log, 1e-9)
+        writer.write_scalars(step, scalars)
+        metrics, t_log, s_log = None, now, step
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        checkpointing.save(manager, step, jax.device_get(parallel.unreplicate(state_r)),
+                           data_iter)
+      if config.sample_every_steps and (step % config.sample_every_steps == 0 or is_last):
+        grid = _sample_grid(state_r, last_batch, p_generate, key_data_r,
+                            config.num_grid_images)
+        writer.write_images(step, {"samples": grid})
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    writer.close()
+  return jax.device_get(parallel.unreplicate(state_r))
