@@ -30,7 +30,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.train_split = "train"  # Split to train on.
   config.eval_split = "test"  # Split that generate/evaluate read by default.
   config.data = pipeline.default_data_config()  # Masks, HU window, loader workers, augmentation.
-  config.data.image_size = config.get_ref("image_size")
+  for field in ("dataset", "data_dir", "image_size", "spacing_mm"):  # One source of truth.
+    setattr(config.data, field, config.get_ref(field))
 
   config.model = unet.default_model_config()  # UNet width/depth/attention/dtype.
   config.diffusion = diffusion.default_diffusion_config()  # Schedule, T, prediction target.
