@@ -111,8 +111,9 @@ def find_source(source: str | os.PathLike | None = None) -> pathlib.Path:
   return path
 
 
-def _read_archive_bytes(source: pathlib.Path) -> bytes:
+def read_archive_bytes(source: str | os.PathLike) -> bytes:
   """Bytes of default_1.pt, from the .pt itself or from inside the wheel."""
+  source = pathlib.Path(source)
   try:
     with zipfile.ZipFile(source) as z:
       names = z.namelist()
@@ -249,7 +250,7 @@ def convert(source: str | os.PathLike | None = None,
   """Converts the archive (see find_source) to Flax params at `output`; returns its path."""
   src = find_source(source)
   out = pathlib.Path(output).expanduser() if output is not None else default_cache_path()
-  data = _read_archive_bytes(src)
+  data = read_archive_bytes(src)
   sha1 = hashlib.sha1(data).hexdigest()
   if check_sha1 and sha1 != ARCHIVE_SHA1:
     raise ValueError(f"{src}: {ARCHIVE_NAME} has SHA-1 {sha1}, expected {ARCHIVE_SHA1} "
@@ -263,6 +264,7 @@ def convert(source: str | os.PathLike | None = None,
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **flat)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
     os.replace(tmp, out)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)

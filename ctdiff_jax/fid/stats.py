@@ -1,0 +1,184 @@
+"""FID statistics in float64: mean/covariance, streaming accumulation, Frechet distance, bootstrap.
+
+numpy/scipy only (no jax), so evaluation scripts can compare saved statistics cheaply.
+Every FID is reported together with the image counts it came from (FIDResult).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import warnings
+
+import numpy as np
+import scipy.linalg
+
+
+@dataclasses.dataclass(frozen=True)
+class FIDResult:
+  """An FID value with the number of images per set and an optional bootstrap spread."""
+  fid: float
+  n1: int
+  n2: int
+  std: float | None = None
+  n_bootstrap: int | None = None
+
+  def __str__(self) -> str:
+    spread = f" +- {self.std:.3f} (bootstrap x{self.n_bootstrap})" if self.std is not None else ""
+    return f"FID {self.fid:.3f}{spread} [n1={self.n1}, n2={self.n2}]"
+
+
+def _check_features(features: np.ndarray, what: str = "features") -> np.ndarray:
+  f = np.asarray(features, np.float64)
+  if f.ndim != 2 or f.shape[0] < 2:
+    raise ValueError(f"{what}: need a [N >= 2, D] array, got shape {f.shape}")
+  if not np.isfinite(f).all():
+    raise ValueError(f"{what}: contains NaN or inf")
+  return f
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mean [D] and unbiased covariance [D, D] (ddof=1), both float64."""
+  f = _check_features(features)
+  return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+  """||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), as in the TTUR / pytorch-fid code.
+
+  If sqrtm is not finite (singular product), eps * I is added to both covariances; tiny
+  imaginary parts from rounding are dropped, large ones raise.
+  """
+  mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+  s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
+  d = mu1.shape[0]
+  if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+    raise ValueError(f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {s1.shape}, "
+                     f"sigma2 {s2.shape}")
+  diff = mu1 - mu2
+  with warnings.catch_warnings():
+    # scipy warns about singular products; the finiteness check below handles them.
+    warnings.simplefilter("ignore", RuntimeWarning)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+      offset = np.eye(d) * eps
+      covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+  if np.iscomplexobj(covmean):
+    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      raise ValueError(f"sqrtm has a large imaginary component "
+                       f"{np.max(np.abs(covmean.imag)):.3g}: covariances are not PSD")
+    covmean = covmean.real
+  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+class FeatureStats:
+  """Streaming float64 mean/covariance (Chan et al. pairwise merge of batch moments).
+
+  Holds only n, the mean [D] and the centred sum of outer products [D, D], so sets of
+  any size can be accumulated batch by batch.
+  """
+
+  def __init__(self, dim: int | None = None):
+    self.n = 0
+    self.dim = dim
+    self._mean = None if dim is None else np.zeros(dim)
+    self._m2 = None if dim is None else np.zeros((dim, dim))
+
+  def update(self, features: np.ndarray) -> "FeatureStats":
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or (self.dim is not None and f.shape[1] != self.dim):
+      raise ValueError(f"expected features [N, {self.dim or 'D'}], got {f.shape}")
+    if not np.isfinite(f).all():
+      raise ValueError("features contain NaN or inf")
+    nb = f.shape[0]
+    if nb == 0:
+      return self
+    if self.dim is None:
+      self.dim = f.shape[1]
+      self._mean, self._m2 = np.zeros(self.dim), np.zeros((self.dim, self.dim))
+    mean_b = f.mean(axis=0)
+    centred = f - mean_b
+    self._merge(nb, mean_b, centred.T @ centred)
+    return self
+
+  def _merge(self, nb: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+    n = self.n + nb
+    delta = mean_b - self._mean
+    self._m2 += m2_b + np.outer(delta, delta) * (self.n * nb / n)
+    self._mean += delta * (nb / n)
+    self.n = n
+
+  def merge(self, other: "FeatureStats") -> "FeatureStats":
+    """Adds another accumulator's samples (e.g. from another host or shard)."""
+    if other.n == 0:
+      return self
+    if self.dim is not None and other.dim != self.dim:
+      raise ValueError(f"cannot merge stats of dim {other.dim} into dim {self.dim}")
+    if self.dim is None:
+      self.dim, self._mean, self._m2 = other.dim, np.zeros(other.dim), np.zeros((other.dim,) * 2)
+    self._merge(other.n, other._mean, other._m2)
+    return self
+
+  @property
+  def mean(self) -> np.ndarray:
+    self._require(1)
+    return self._mean.copy()
+
+  @property
+  def cov(self) -> np.ndarray:
+    self._require(2)
+    return self._m2 / (self.n - 1)
+
+  def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+    return self.mean, self.cov
+
+  def _require(self, k: int) -> None:
+    if self.n < k:
+      raise ValueError(f"need at least {k} samples, have {self.n}")
+
+  def save(self, path: str | os.PathLike) -> None:
+    np.savez(path, n=self.n, mu=self.mean, sigma=self.cov)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "FeatureStats":
+    path = pathlib.Path(path)
+    try:
+      with np.load(path) as z:
+        n, mu, sigma = int(z["n"]), z["mu"], z["sigma"]
+    except (OSError, KeyError, ValueError) as e:
+      raise ValueError(f"{path}: not a FeatureStats file (needs n, mu, sigma): {e}") from e
+    out = cls(mu.shape[0])
+    out.n, out._mean, out._m2 = n, mu.astype(np.float64), sigma.astype(np.float64) * (n - 1)
+    return out
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> FIDResult:
+  return FIDResult(frechet_distance(a.mean, a.cov, b.mean, b.cov), a.n, b.n)
+
+
+def fid_bootstrap(feats1: np.ndarray, feats2: np.ndarray, n: int = 10,
+                  rng: np.random.Generator | int | None = 0) -> tuple[float, float]:
+  """Mean and std (ddof=1) of FID over `n` resamplings with replacement of both sets."""
+  f1, f2 = _check_features(feats1, "feats1"), _check_features(feats2, "feats2")
+  if n < 2:
+    raise ValueError(f"bootstrap needs n >= 2 resamples, got {n}")
+  rng = np.random.default_rng(rng)
+  vals = []
+  for _ in range(n):
+    s1 = f1[rng.integers(0, len(f1), len(f1))]
+    s2 = f2[rng.integers(0, len(f2), len(f2))]
+    vals.append(frechet_distance(*statistics(s1), *statistics(s2)))
+  return float(np.mean(vals)), float(np.std(vals, ddof=1))
+
+
+def fid_from_features(feats1: np.ndarray, feats2: np.ndarray, bootstrap: int = 0,
+                      rng: np.random.Generator | int | None = 0) -> FIDResult:
+  """FID of two feature sets; with bootstrap > 1 also its bootstrap std."""
+  f1, f2 = _check_features(feats1, "feats1"), _check_features(feats2, "feats2")
+  fid = frechet_distance(*statistics(f1), *statistics(f2))
+  if bootstrap > 1:
+    _, std = fid_bootstrap(f1, f2, bootstrap, rng)
+    return FIDResult(fid, len(f1), len(f2), std, bootstrap)
+  return FIDResult(fid, len(f1), len(f2))
