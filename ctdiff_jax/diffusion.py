@@ -72,14 +72,18 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
 
 def make_schedule(kind: str = "cosine", num_timesteps: int = 1000) -> Schedule:
   """Builds a `Schedule` of `kind` in {'linear', 'cosine'} with T = `num_timesteps`."""
+  if num_timesteps < 2:
+    raise ValueError(f"make_schedule: num_timesteps must be >= 2, got {num_timesteps}")
   if kind == "linear":
     betas = linear_betas(num_timesteps)
   elif kind == "cosine":
     betas = cosine_betas(num_timesteps)
   else:
     raise ValueError(f"make_schedule: unknown schedule {kind!r}, expected one of {SCHEDULES}")
-  if num_timesteps < 2:
-    raise ValueError(f"make_schedule: num_timesteps must be >= 2, got {num_timesteps}")
+  if not np.all((betas > 0) & (betas < 1)):
+    # The rescaled linear schedule reaches beta = 20/T, so it needs T > 20.
+    raise ValueError(f"make_schedule: {kind} schedule with T={num_timesteps} has betas outside "
+                     f"(0, 1) (max {betas.max():.3g}); use more timesteps or 'cosine'")
   alphas = 1.0 - betas
   abar = np.cumprod(alphas)
   abar_prev = np.append(1.0, abar[:-1])
@@ -189,11 +193,21 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array
   Returns:
     (loss, aux) with aux = {'loss', 'mse' (unweighted), 'mse_mask' (inside the mask)}.
   """
-  _check_prediction(prediction)
-  image, mask, cond = batch["image"], batch["mask"], batch["cond"]
   t_key, noise_key, dropout_key = jax.random.split(rng, 3)
+  image = batch["image"]
   t = jax.random.randint(t_key, image.shape[:1], 0, schedule.num_timesteps)
   noise = jax.random.normal(noise_key, image.shape, jnp.float32)
+  return loss_at(apply_fn, params, batch, t, noise, dropout_key, schedule,
+                 prediction=prediction, mask_weight=mask_weight, train=train)
+
+
+def loss_at(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array], t: jax.Array,
+            noise: jax.Array, dropout_key: jax.Array, schedule: Schedule, *,
+            prediction: str = "eps", mask_weight: float = 0.0, train: bool = True
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`diffusion_loss` at given timesteps `t` [B] and `noise` (callers that draw per example)."""
+  _check_prediction(prediction)
+  image, mask, cond = batch["image"], batch["mask"], batch["cond"]
   x_t = q_sample(schedule, image, t, noise)
   out = apply_fn(params, x_t, t, cond, train=train, rngs={"dropout": dropout_key})
   sq_err = jnp.square(out.astype(jnp.float32) - target(schedule, image, t, noise, prediction))

@@ -14,9 +14,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from absl import logging
-from clu import metrics as clu_metrics
 from clu import parameter_overview
-import flax
 import jax
 import ml_collections
 import numpy as np
@@ -32,13 +30,6 @@ from ctdiff_jax.data import pipeline
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient."""
-
-
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output("loss")
-  grad_norm: clu_metrics.Average.from_output("grad_norm")
-  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
 
 
 @dataclasses.dataclass
@@ -125,6 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   hooks = writers.periodic_actions(workdir, config.num_train_steps, writer, config.profile)
   batches = iterator_wrapper(data_iter) if iterator_wrapper else data_iter
 
+  collection = task.metrics_collection
   pending: list[tuple[int, dict]] = []
   metrics = None
   t_log, s_log = time.time(), initial_step
@@ -148,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f"skipped and training stopped. Last good checkpoint: step "
                 f"{manager.latest_step()} in {checkpointing.checkpoint_dir(workdir)}. Check the "
                 f"input data (NaN/Inf in a batch?) and the learning rate.")
-          update = TrainMetrics.single_from_model_output(
+          update = collection.single_from_model_output(
               **{k: v for k, v in m.items() if k != "finite"})
           metrics = update if metrics is None else metrics.merge(update)
         pending = []

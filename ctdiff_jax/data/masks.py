@@ -184,8 +184,9 @@ def shape_mask(
   """Bool (H, W): random ellipses/polygons/brush strokes covering a fraction in [lo, hi].
 
   Shapes are added one at a time, each sized to the area still missing from a target drawn
-  uniformly in [lo, hi]; a shape that overshoots `hi` is rejected and the next one is made
-  smaller. If that does not converge, a rectangle of the target area is returned instead.
+  uniformly in [lo, hi], until the target is reached; a shape that would push the area past
+  `hi` is rejected and the next one is made smaller. If that does not converge, a rectangle of
+  the target area is returned instead.
   """
   h, w = int(shape[0]), int(shape[1])
   lo, hi = float(area[0]), float(area[1])
@@ -200,17 +201,18 @@ def shape_mask(
   n = h * w
   target = rng.uniform(lo, hi) * n
   mask = np.zeros((h, w), bool)
-  scale = 1.0
+  scale, rejected = 1.0, 0
   for _ in range(max_tries):
     count = int(mask.sum())
-    if count >= lo * n:
+    # Done at the target; or within bounds when shapes keep overshooting (crowded image).
+    if count >= target or (count >= lo * n and rejected >= 3):
       return mask
     kind = kinds[int(rng.integers(len(kinds)))]
     cand = mask | _SHAPE_FNS[kind]((h, w), rng, scale * max(target - count, 1.0))
     if cand.sum() <= hi * n:
-      mask = cand
+      mask, rejected = cand, 0
     else:
-      scale *= 0.7
+      scale, rejected = scale * 0.7, rejected + 1
   return _rectangle((h, w), rng, target, lo * n, hi * n)
 
 

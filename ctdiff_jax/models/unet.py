@@ -182,6 +182,9 @@ class UNet(nn.Module):
       raise ValueError(f"UNet: dtype {self.dtype!r} not in {sorted(_DTYPES)}")
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(f"UNet: attention_impl {self.attention_impl!r} not in {_ATTENTION_IMPLS}")
+    if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
+      raise ValueError("UNet: attention_impl='cudnn' needs dtype='bfloat16' (cuDNN fused "
+                       "attention has no float32 kernel)")
     return nrb, _DTYPES[self.dtype]
 
   @nn.compact
@@ -265,7 +268,12 @@ def init_variables(model: UNet, rng: jax.Array, *, image_size: int | tuple[int, 
   x = jnp.zeros((batch_size, hgt, wid, 1), jnp.float32)
   cond = jnp.zeros((batch_size, hgt, wid, cond_channels), jnp.float32)
   t = jnp.zeros((batch_size,), jnp.int32)
-  return model.init({"params": rng}, x, t, cond, train=False)
+  # The attention kernel does not change the parameters, and 'cudnn' cannot even be traced
+  # without a GPU, so initialise with the default kernel (works on any host).
+  model = model.clone(attention_impl=None)
+  # Jitted: op-by-op init of even the smoke model takes tens of seconds on CPU.
+  init = jax.jit(lambda r: model.init({"params": r}, x, t, cond, train=False))
+  return init(rng)
 
 
 def count_params(tree: Any) -> int:

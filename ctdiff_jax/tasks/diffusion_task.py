@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from clu import metrics as clu_metrics
+import flax
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -30,10 +32,19 @@ def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(batch_size))
 
 
+@flax.struct.dataclass
+class DiffusionMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  mse_mask: clu_metrics.Average.from_output("mse_mask")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+
+
 class DiffusionTask:
   """Diffusion inpainting: predicts eps (or v) of the noisy slice given [masked image, mask]."""
 
   nets = (NET,)
+  metrics_collection = DiffusionMetrics
 
   def __init__(self, config, cond_channels: int):
     self.config = config
@@ -60,16 +71,6 @@ class DiffusionTask:
     return self.model.apply(variables, x_t, t, cond, train=train, rngs=rngs)
 
   # --- training ----------------------------------------------------------------------------
-  def loss(self, params, batch, t, noise, dropout_key):
-    dcfg = self.config.diffusion
-    x0 = batch["image"]
-    x_t = diffusion.q_sample(self.schedule, x0, t, noise)
-    out = self.apply({"params": params}, x_t, t, batch["cond"], train=True,
-                     rngs={"dropout": dropout_key})
-    tgt = diffusion.target(self.schedule, x0, t, noise, dcfg.prediction)
-    w = 1.0 + dcfg.mask_weight * batch["mask"]
-    return jnp.sum(w * jnp.square(out - tgt)) / jnp.sum(w * jnp.ones_like(out))
-
   def train_step(self, state: ts.TrainState, batch: dict[str, jax.Array],
                  key_data: jax.Array) -> tuple[ts.TrainState, dict[str, jax.Array]]:
     """Per-device step; `key_data` is the run's base key (raw uint32), same on every device."""
@@ -83,7 +84,15 @@ class DiffusionTask:
     dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2**30),
                                      lax.axis_index(parallel.AXIS))
     net = state.nets[NET]
-    loss, grads = jax.value_and_grad(self.loss)(net.params, batch, t, noise, dropout_key)
+    dcfg = self.config.diffusion
+
+    def loss_fn(params):
+      return diffusion.loss_at(self.model.apply, {"params": params}, batch, t, noise, dropout_key,
+                               self.schedule, prediction=dcfg.prediction,
+                               mask_weight=dcfg.mask_weight, train=True)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(net.params)
+    mse_mask = lax.pmean(aux["mse_mask"], parallel.AXIS)
     loss = lax.pmean(loss, parallel.AXIS)
     grads = lax.pmean(grads, parallel.AXIS)
     finite = jnp.isfinite(loss) & ts.all_finite(grads)
@@ -91,7 +100,7 @@ class DiffusionTask:
     # A non-finite step leaves the state untouched; the host aborts when it sees the flag.
     new_net = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_net, net)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "learning_rate": self.lr(state.step), "finite": finite}
+               "mse_mask": mse_mask, "learning_rate": self.lr(state.step), "finite": finite}
     return ts.TrainState(step=state.step + 1, nets={NET: new_net}), metrics
 
   # --- generation --------------------------------------------------------------------------
