@@ -74,6 +74,9 @@ def test_hu_window_round_trip_against_float64():
   x = transforms.hu_to_unit(hu, window)
   assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
   np.testing.assert_allclose(x, ref, rtol=0, atol=1e-6)
+  ints = np.arange(-300, 300, dtype=np.int16)
+  np.testing.assert_allclose(transforms.hu_to_unit(ints, window),
+                             np.clip((ints - window[0]) / 400.0 * 2 - 1, -1, 1), rtol=0, atol=1e-6)
   back = transforms.unit_to_hu(x, window)
   # Inside the window the round trip is exact up to float32 rounding (~400 * 2^-24 HU).
   inside = (hu >= window[0]) & (hu <= window[1])
@@ -171,7 +174,6 @@ def test_loader_determinism_and_epoch_coverage():
   a, b, c = _take(make(3), 4), _take(make(3), 4), _take(make(4), 4)
   _assert_batches_equal(a, b)
   assert any(not np.array_equal(x["slice_index"], y["slice_index"]) for x, y in zip(a, c))
-  # The mask is random per example: the same record in two epochs gets different masks.
   epoch = list(make(5, num_epochs=1))
   seen = np.concatenate([x["slice_index"].reshape(-1) for x in epoch])
   assert len(epoch) == 3 and sorted(seen.tolist()) == list(range(12))
@@ -179,6 +181,12 @@ def test_loader_determinism_and_epoch_coverage():
   ordered = np.concatenate([x["slice_index"].reshape(-1)
                             for x in make(5, num_epochs=1, shuffle=False)])
   assert ordered.tolist() == list(range(12))
+  two = list(pipeline.create_loader(src, cfg, batch_shape=(1, 12), seed=5, num_epochs=2,
+                                    shuffle=False))
+  assert len(two) == 2
+  np.testing.assert_array_equal(two[0]["slice_index"], two[1]["slice_index"])
+  np.testing.assert_array_equal(two[0]["image"], two[1]["image"])
+  assert not np.array_equal(two[0]["mask"], two[1]["mask"])
 
 
 def test_loader_pads_last_batch_without_drop_remainder():

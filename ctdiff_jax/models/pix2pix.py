@@ -99,6 +99,8 @@ def example_dropout(x: jax.Array, keys: jax.Array, salt: int, rate: float) -> ja
   # Drawn flat: a 1-D draw compiles several times faster on XLA:CPU than an N-D one.
   masks = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), keep,
                                                   (units,)))(keys).reshape(x.shape)
+  # Materialised once, not fused (and re-drawn) into each forward/backward consumer.
+  masks = lax.optimization_barrier(masks)
   return jnp.where(masks, x / keep, 0.0).astype(x.dtype)
 
 

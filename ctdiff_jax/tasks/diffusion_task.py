@@ -11,7 +11,6 @@ import functools
 from typing import Any
 
 from clu import metrics as clu_metrics
-import flax
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -32,12 +31,11 @@ def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(batch_size))
 
 
-@flax.struct.dataclass
-class DiffusionMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output("loss")
-  mse_mask: clu_metrics.Average.from_output("mse_mask")
-  grad_norm: clu_metrics.Average.from_output("grad_norm")
-  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+DiffusionMetrics = clu_metrics.Collection.create(
+    loss=clu_metrics.Average.from_output("loss"),
+    mse_mask=clu_metrics.Average.from_output("mse_mask"),
+    grad_norm=clu_metrics.Average.from_output("grad_norm"),
+    learning_rate=clu_metrics.LastValue.from_output("learning_rate"))
 
 
 class DiffusionTask:
