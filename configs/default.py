@@ -56,6 +56,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.optim.grad_clip = 1.0  # Global-norm clipping (0 = off).
   config.optim.ema_decay = 0.9999  # EMA of params, used for sampling.
 
+  config.eval = ml_collections.ConfigDict()
+  config.eval.fid_window = (-160.0, 240.0)  # HU window for FID images (abdominal soft tissue).
+  config.eval.crop_margin_mm = 10.0  # Organ-crop FID: mask bounding box + this margin.
+  config.eval.crop_size = 128  # Organ crops are resized to this before the 299 px FID resize.
+  config.eval.num_samples = 0  # Test slices to evaluate (0 = all).
+  config.eval.bootstrap = 0  # Bootstrap resamples for an FID spread (0 = off).
+  config.eval.fid_batch_size = 32  # Inception batch per device.
+
   config.num_train_steps = 200_000  # Optimiser steps.
   config.per_device_batch_size = 8  # Global batch = this x devices x processes.
   config.parallel = "pmap"  # "pmap" or "shard_map" (same numbers).

@@ -4,4 +4,6 @@ from configs import default
 
 
 def get_config(variant: str = ""):
-  return default.for_dataset("lungs", variant, mask_mode="organ")
+  config = default.for_dataset("lungs", variant, mask_mode="organ")
+  config.eval.fid_window = (-1350.0, 150.0)  # Lung window for FID images.
+  return config

@@ -193,17 +193,35 @@ def make_example(
       shape_kinds=cfg.shape_kinds,
       mixed_weights=cfg.mixed_weights,
   )[..., None]
+  return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours)
+
+
+def assemble(unit: Mapping[str, np.ndarray], mask: np.ndarray, labels: np.ndarray,
+             slice_index: int, neighbours: bool) -> dict[str, np.ndarray]:
+  """The model example from windowed images (`image`[, prev, next]) and a (H, W, 1) mask."""
   image_u = unit[records.IMAGE]
   parts = [image_u * (1.0 - mask), mask]
-  if cfg.neighbours:
+  if neighbours:
     parts += [unit[records.PREV_IMAGE], unit[records.NEXT_IMAGE]]
   return {
       "image": np.ascontiguousarray(image_u, np.float32),
       "mask": np.ascontiguousarray(mask, np.float32),
       "cond": np.ascontiguousarray(np.concatenate(parts, axis=-1), np.float32),
       "labels": np.ascontiguousarray(labels, np.uint8),
-      "slice_index": np.int32(record.get(records.SLICE_INDEX, -1)),
+      "slice_index": np.int32(slice_index),
   }
+
+
+def example_with_mask(record: Mapping[str, Any], cfg: ExampleConfig,
+                      mask: np.ndarray) -> dict[str, np.ndarray]:
+  """The model example of a record with a given (H, W) mask (generation; no augmentation)."""
+  unit = {records.IMAGE: hu_to_unit(_field(record, records.IMAGE), cfg.hu_window)}
+  if cfg.neighbours:
+    for k in (records.PREV_IMAGE, records.NEXT_IMAGE):
+      unit[k] = hu_to_unit(_field(record, k), cfg.hu_window)
+  mask = np.asarray(mask, np.float32).reshape(unit[records.IMAGE].shape)
+  labels = _field(record, records.LABELS).astype(np.uint8)
+  return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours)
 
 
 class MakeExample(grain.RandomMapTransform):
