@@ -16,8 +16,9 @@ hypo-/hyperdense tumours are placed strictly inside liver and kidneys. Every cas
 different (random sizes, positions, rotations, a smooth global warp, wobbly organ surfaces)
 but fully determined by (seed, case index).
 
-Orientation is RAS+: array axis 0 runs to the patient's left, axis 1 anterior, axis 2
-cranial; the affine is diagonal (spacing) with the volume centred on the origin.
+Orientation is RAS+ as nibabel reads it: array axis 0 runs towards the patient's right, axis 1
+anterior, axis 2 cranial (like the shared TotalSegmentator cases); the affine is diagonal
+(spacing) with the volume centred on the origin.
 """
 
 from __future__ import annotations
@@ -546,7 +547,10 @@ def _generate(rng: np.random.Generator, shape, spacing, lesions: bool) -> Phanto
   noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=f32), (0.6, 0.6, 0.0))
   noise *= f32(sigma_n / (noise.std() + 1e-6))
   ct = np.clip(np.rint(hu + noise), -1024, 3071).astype(np.int16)
-  return PhantomCase(ct=ct, seg=cv.seg, affine=affine, tissues=cv.tissue,
+  # Anatomy is modelled with +x towards the patient's left; RAS+ voxel axis 0 points to the
+  # patient's right (as nibabel and the shared TotalSegmentator cases have it), so flip x.
+  flip = lambda a: np.ascontiguousarray(a[::-1])
+  return PhantomCase(ct=flip(ct), seg=flip(cv.seg), affine=affine, tissues=flip(cv.tissue),
                      num_liver_lesions=n_liver, num_kidney_lesions=n_kidney)
 
 

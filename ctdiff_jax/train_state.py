@@ -31,17 +31,17 @@ class TrainState:
 
 def learning_rate_schedule(optim_cfg, num_train_steps: int) -> optax.Schedule:
   """Linear warmup to `learning_rate`, then cosine decay (or constant) until the last step."""
-  warmup = int(optim_cfg.warmup_steps)
+  warmup, peak = int(optim_cfg.warmup_steps), optim_cfg.learning_rate
   if optim_cfg.schedule == "constant":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, optim_cfg.learning_rate, max(warmup, 1)),
-         optax.constant_schedule(optim_cfg.learning_rate)], [max(warmup, 1)])
-  if optim_cfg.schedule != "cosine":
+    main = optax.constant_schedule(peak)
+  elif optim_cfg.schedule == "cosine":
+    main = optax.cosine_decay_schedule(peak, max(num_train_steps - warmup, 1),
+                                       alpha=optim_cfg.end_lr_factor)
+  else:
     raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {optim_cfg.schedule!r}")
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim_cfg.learning_rate, warmup_steps=max(warmup, 1),
-      decay_steps=max(num_train_steps, warmup + 1),
-      end_value=optim_cfg.learning_rate * optim_cfg.end_lr_factor)
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
 def make_optimizer(optim_cfg, num_train_steps: int) -> tuple[optax.GradientTransformation,

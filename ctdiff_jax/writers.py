@@ -20,10 +20,15 @@ import numpy as np
 
 
 def tensorflow_available() -> bool:
+  """True when TensorFlow (and so clu's writers) import; CTDIFF_NO_TF=1 forces the TF-free path."""
   if os.environ.get("CTDIFF_NO_TF"):
     return False
   try:
-    return importlib.util.find_spec("tensorflow") is not None
+    if importlib.util.find_spec("tensorflow") is None:
+      return False
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top,unused-import
+    return True
   except (ImportError, ValueError):
     return False
 

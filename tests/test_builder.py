@@ -25,29 +25,10 @@ from ctdiff_jax import organs as organs_lib
 from ctdiff_jax import records
 from data_builders.ct_slices import ct_slices_dataset_builder as ctb
 import test_volumes_layouts as synth
+from no_tf import run_python  # pylint: disable=g-bad-import-order
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = 16  # slice counts are decided on the source grid, so tiny images suffice
-
-# Imported first in a subprocess: any `import tensorflow` then raises ImportError (a finder,
-# not sys.modules['tensorflow'] = None, because TFDS reads the latter as "TF is loaded").
-BLOCK_TF = textwrap.dedent("""
-    import importlib.machinery, sys
-    class _BlockTF:
-      def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-          return importlib.machinery.ModuleSpec(name, self)
-      def create_module(self, spec):
-        raise ImportError("TensorFlow is blocked in this test")
-      def exec_module(self, module):
-        raise ImportError("TensorFlow is blocked in this test")
-    sys.meta_path.insert(0, _BlockTF())
-    try:
-      import tensorflow
-      raise SystemExit("TensorFlow import was not blocked")
-    except ImportError:
-      pass
-""")
 
 # Slice counts (all splits together) from the issue's acceptance criteria.
 EXPECTED = {
@@ -56,14 +37,6 @@ EXPECTED = {
     "lungs": {"s01": 11},
     "abdomen": {"s01": 46, "s02": 20},
 }
-
-
-def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-  proc = subprocess.run([sys.executable, "-c", BLOCK_TF + code], cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc
 
 
 def read_all(data_dir, name: str) -> dict[str, list[dict]]:

@@ -174,12 +174,14 @@ def test_cranio_caudal_layout(lesion_case, cli_cohort):
     for ids in (LUNG_IDS, KIDNEY_IDS, [phantom.LABEL_IDS["liver"]]):
       present = np.isin(seg, ids).any(axis=(0, 1))
       assert 0.15 < present.mean() < 0.9
-  # Patient's right is image -x in RAS: liver and right kidney sit at lower x than spleen.
+  # RAS+ (nibabel): voxel axis 0 increases towards the patient's right, as in the shared s01
+  # case (kidney_right at x~83, kidney_left at x~33): liver and right kidney at higher x.
   seg = lesion_case[1]
+  assert nib.aff2axcodes(lesion_case[2]) == ("R", "A", "S")
   x_of = lambda i: np.nonzero(seg == i)[0].mean()
   mid = (seg.shape[0] - 1) / 2
-  assert x_of(phantom.LABEL_IDS["liver"]) < mid < x_of(phantom.LABEL_IDS["spleen"])
-  assert x_of(phantom.LABEL_IDS["kidney_right"]) < mid < x_of(phantom.LABEL_IDS["kidney_left"])
+  assert x_of(phantom.LABEL_IDS["liver"]) > mid > x_of(phantom.LABEL_IDS["spleen"])
+  assert x_of(phantom.LABEL_IDS["kidney_right"]) > mid > x_of(phantom.LABEL_IDS["kidney_left"])
 
 
 @pytest.mark.parametrize("lesion,hosts", [

@@ -37,7 +37,11 @@ import jax.numpy as jnp
 NORMS = ("instance", "batch", "none")
 MAX_DOWNS = 8
 _FILTER_MULT_CAP = 8  # Filters stop growing at base * 8 (512 for base 64).
-_init = nn.initializers.normal(0.02)
+
+
+def _init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+  """N(0, 0.02) conv kernels (the reference init), drawn flat: N-D draws compile ~5x slower."""
+  return 0.02 * jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
 
 
 def num_downsamplings(image_size: int, max_downs: int = MAX_DOWNS) -> int:
@@ -96,7 +100,7 @@ def example_dropout(x: jax.Array, keys: jax.Array, salt: int, rate: float) -> ja
   """Inverted dropout with one mask per example from its own key (split invariant)."""
   keep = 1.0 - rate
   units = math.prod(x.shape[1:])
-  # Drawn flat: a 1-D draw compiles several times faster on XLA:CPU than an N-D one.
+  # Drawn flat, like `_init`: a 1-D draw compiles several times faster on XLA:CPU.
   masks = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), keep,
                                                   (units,)))(keys).reshape(x.shape)
   # Materialised once, not fused (and re-drawn) into each forward/backward consumer.
