@@ -82,3 +82,12 @@ def unreplicate(tree: Any) -> Any:
 def device_keys(key: jax.Array, n: int) -> jax.Array:
   """[n] keys, one per device, derived from `key` by fold_in of the device index."""
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+
+def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
+  """Per-device: one key per local example, indexed by its position in the global batch.
+
+  Randomness drawn from these keys does not depend on how the batch is split over devices.
+  """
+  first = jax.lax.axis_index(AXIS) * batch_size
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(batch_size))

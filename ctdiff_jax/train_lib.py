@@ -18,6 +18,7 @@ from clu import parameter_overview
 import jax
 import ml_collections
 import numpy as np
+from tqdm import auto as tqdm
 
 from ctdiff_jax import checkpointing
 from ctdiff_jax import datasets
@@ -89,19 +90,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   task = make_task(config, metadata)
   key = jax.random.key(config.seed)
   init_key, run_key = jax.random.split(key)
-  state = jax.jit(task.init_state)(init_key)
+  manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints,
+                                         async_save=config.async_checkpointing)
+  initial_step = 0
+  if manager.latest_step() is not None:
+    # Restoring needs only shapes: skip compiling the initialisers.
+    abstract = jax.eval_shape(task.init_state, init_key)
+    state, initial_step = checkpointing.restore(manager, abstract, data_iter)
+    logging.info("resuming at step %d", initial_step)
+  else:
+    state = jax.jit(task.init_state)(init_key)
   writer = writers.Writer(workdir)
   if jax.process_index() == 0:
     for name in task.nets:
       parameter_overview.log_parameter_overview(state.nets[name].params, msg=f"{name} params")
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
-
-  manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints,
-                                         async_save=config.async_checkpointing)
-  initial_step = 0
-  if manager.latest_step() is not None:
-    state, initial_step = checkpointing.restore(manager, checkpointing.abstract(state), data_iter)
-    logging.info("resuming at step %d", initial_step)
   if initial_step >= config.num_train_steps:
     logging.info("already trained to step %d >= num_train_steps", initial_step)
     manager.close()
@@ -119,6 +122,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   collection = task.metrics_collection
   pending: list[tuple[int, dict]] = []
   metrics = None
+  bar = tqdm.tqdm(total=config.num_train_steps, initial=initial_step, unit="step",
+                  desc=f"train {config.model_family}", disable=jax.process_index() != 0,
+                  mininterval=2.0)
   t_log, s_log = time.time(), initial_step
   step = initial_step
   last_batch = None
@@ -129,6 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state_r, step_metrics = p_train(state_r, batch, key_data_r)
       last_batch = batch
       pending.append((step, step_metrics))
+      bar.update(1)
       for hook in hooks:
         hook(step)
       is_last = step == config.num_train_steps
@@ -148,6 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scalars = metrics.compute()
         scalars["steps_per_sec"] = (step - s_log) / max(now - t_log, 1e-9)
         writer.write_scalars(step, scalars)
+        bar.set_postfix(loss=f"{float(scalars['loss']):.4g}")
         metrics, t_log, s_log = None, now, step
       if step % config.checkpoint_every_steps == 0 or is_last:
         checkpointing.save(manager, step, jax.device_get(parallel.unreplicate(state_r)),
@@ -157,6 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             config.num_grid_images)
         writer.write_images(step, {"samples": grid})
   finally:
+    bar.close()
     manager.wait_until_finished()
     manager.close()
     writer.flush()

@@ -3,6 +3,11 @@
 A pytree of arrays only (no apply_fn inside), so it maps cleanly over devices with pmap /
 shard_map and saves with Orbax as-is. Families with several networks (Pix2Pix) keep one
 `NetState` per network inside their own state.
+
+The update works on the parameters raveled into one flat vector: one all-reduce instead of one
+per leaf, and a handful of large kernels instead of ~5 per leaf for pmean, clipping, Adam, EMA
+and the finite check (compiling the smoke step on CPU went from ~50 s to ~15 s). The optimiser
+state is therefore kept over that flat vector.
 """
 
 from __future__ import annotations
@@ -11,8 +16,12 @@ from typing import Any
 
 import flax
 import jax
+from jax import lax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import optax
+
+from ctdiff_jax import parallel
 
 
 @flax.struct.dataclass
@@ -57,18 +66,27 @@ def make_optimizer(optim_cfg, num_train_steps: int) -> tuple[optax.GradientTrans
 
 
 def init_net(params: Any, tx: optax.GradientTransformation) -> NetState:
+  flat, _ = ravel_pytree(params)
   return NetState(params=params, ema_params=jax.tree.map(jnp.copy, params),
-                  opt_state=tx.init(params))
+                  opt_state=tx.init(flat))
 
 
-def apply_gradients(net: NetState, grads: Any, tx: optax.GradientTransformation,
-                    ema_decay: float) -> NetState:
-  updates, opt_state = tx.update(grads, net.opt_state, net.params)
-  params = optax.apply_updates(net.params, updates)
-  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, net.ema_params, params)
-  return NetState(params=params, ema_params=ema, opt_state=opt_state)
+def update_net(net: NetState, grads: Any, tx: optax.GradientTransformation, ema_decay: float,
+               ok: jax.Array | bool = True) -> tuple[NetState, jax.Array, jax.Array]:
+  """Per-device update: pmean grads over devices, optimiser step, EMA.
 
-
-def all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  Returns (new net, global grad norm, finite). When the mean gradient is not finite, or `ok`
+  (e.g. the loss is finite) is False, the net is returned unchanged.
+  """
+  flat_g, _ = ravel_pytree(grads)
+  flat_g = lax.pmean(flat_g, parallel.AXIS)
+  finite = jnp.all(jnp.isfinite(flat_g)) & ok
+  flat_p, unravel = ravel_pytree(net.params)
+  flat_e, _ = ravel_pytree(net.ema_params)
+  updates, opt_state = tx.update(flat_g, net.opt_state, flat_p)
+  new_p = optax.apply_updates(flat_p, updates)
+  new_e = ema_decay * flat_e + (1.0 - ema_decay) * new_p
+  keep = lambda new, old: jnp.where(finite, new, old)
+  new = NetState(params=unravel(keep(new_p, flat_p)), ema_params=unravel(keep(new_e, flat_e)),
+                 opt_state=jax.tree.map(keep, opt_state, net.opt_state))
+  return new, jnp.sqrt(jnp.sum(jnp.square(flat_g))), finite

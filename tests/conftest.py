@@ -7,7 +7,17 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
+
+# XLA:CPU compiles dominate the suite; tests compile the same steps many times, so share a
+# persistent compilation cache (per user, reused across runs; set CTDIFF_JAX_CACHE="" to skip).
+_CACHE = os.environ.get("CTDIFF_JAX_CACHE",
+                        os.path.expanduser("~/.cache/ctdiff_jax/jax_compilation_cache"))
+if _CACHE:
+  jax.config.update("jax_compilation_cache_dir", _CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DIR = pathlib.Path(os.environ.get("CTDIFF_SHARED_DIR", REPO_ROOT.parent / "shared"))

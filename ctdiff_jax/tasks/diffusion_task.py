@@ -14,7 +14,6 @@ from clu import metrics as clu_metrics
 import jax
 from jax import lax
 import jax.numpy as jnp
-import optax
 
 from ctdiff_jax import diffusion
 from ctdiff_jax import parallel
@@ -23,12 +22,6 @@ from ctdiff_jax import train_state as ts
 from ctdiff_jax.models import unet
 
 NET = "unet"
-
-
-def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
-  """One key per local example, indexed by its position in the global batch."""
-  first = lax.axis_index(parallel.AXIS) * batch_size
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(batch_size))
 
 
 DiffusionMetrics = clu_metrics.Collection.create(
@@ -74,7 +67,7 @@ class DiffusionTask:
     """Per-device step; `key_data` is the run's base key (raw uint32), same on every device."""
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
     bsz = batch["image"].shape[0]
-    keys = example_keys(key, bsz)
+    keys = parallel.example_keys(key, bsz)
     t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
                                               self.schedule.num_timesteps))(keys)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1),
@@ -90,15 +83,13 @@ class DiffusionTask:
                                mask_weight=dcfg.mask_weight, train=True)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(net.params)
-    mse_mask = lax.pmean(aux["mse_mask"], parallel.AXIS)
     loss = lax.pmean(loss, parallel.AXIS)
-    grads = lax.pmean(grads, parallel.AXIS)
-    finite = jnp.isfinite(loss) & ts.all_finite(grads)
-    new_net = ts.apply_gradients(net, grads, self.tx, self.config.optim.ema_decay)
+    mse_mask = lax.pmean(aux["mse_mask"], parallel.AXIS)
     # A non-finite step leaves the state untouched; the host aborts when it sees the flag.
-    new_net = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_net, net)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "mse_mask": mse_mask, "learning_rate": self.lr(state.step), "finite": finite}
+    new_net, grad_norm, finite = ts.update_net(net, grads, self.tx, self.config.optim.ema_decay,
+                                               ok=jnp.isfinite(loss))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "mse_mask": mse_mask,
+               "learning_rate": self.lr(state.step), "finite": finite}
     return ts.TrainState(step=state.step + 1, nets={NET: new_net}), metrics
 
   # --- generation --------------------------------------------------------------------------

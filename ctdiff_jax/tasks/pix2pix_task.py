@@ -126,16 +126,6 @@ def paste(gen: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
   return jnp.where(batch["mask"] > 0.5, gen, batch["image"])
 
 
-def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
-  """One key per local example, indexed by its position in the global batch.
-
-  Same as `diffusion_task.example_keys`, repeated so this task does not import the diffusion
-  stack.
-  """
-  first = lax.axis_index(parallel.AXIS) * batch_size
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(batch_size))
-
-
 # Built with `create`: a class body's annotations are strings under `from __future__ import
 # annotations`, which clu cannot turn into metrics.
 Pix2PixMetrics = clu_metrics.Collection.create(
@@ -210,7 +200,7 @@ class Pix2PixTask:
     pcfg = self.config.pix2pix
     kind = pcfg.gan_loss
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
-    keys = example_keys(key, batch["image"].shape[0]) if pcfg.dropout > 0 else None
+    keys = parallel.example_keys(key, batch["image"].shape[0]) if pcfg.dropout > 0 else None
     g_net, d_net = state.nets[GEN], state.nets[DISC]
     cond, image = batch["cond"], batch["image"]
 
@@ -227,8 +217,7 @@ class Pix2PixTask:
 
     (d_loss, (d_real, d_fake)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(
         d_net.params)
-    d_grads = lax.pmean(d_grads, parallel.AXIS)
-    new_d = ts.apply_gradients(d_net, d_grads, self.tx, pcfg.ema_decay)
+    new_d, d_grad_norm, d_finite = ts.update_net(d_net, d_grads, self.tx, pcfg.ema_decay)
 
     def g_objective(gen):
       composite = paste(gen, batch)
@@ -239,19 +228,16 @@ class Pix2PixTask:
 
     (g_loss, (g_gan, g_l1)), d_gen = jax.value_and_grad(g_objective, has_aux=True)(gen)
     (g_grads,) = g_vjp(d_gen)
-    g_grads = lax.pmean(g_grads, parallel.AXIS)
-    new_g = ts.apply_gradients(g_net, g_grads, self.tx, pcfg.ema_decay)
+    new_g, g_grad_norm, g_finite = ts.update_net(g_net, g_grads, self.tx, pcfg.ema_decay)
 
     scalars = lax.pmean({"g_loss": g_loss, "g_gan": g_gan, "g_l1": g_l1, "d_loss": d_loss,
                          "d_real": d_real, "d_fake": d_fake}, parallel.AXIS)
-    finite = (jnp.all(jnp.isfinite(jnp.stack(list(scalars.values()))))
-              & ts.all_finite(g_grads) & ts.all_finite(d_grads))
+    finite = jnp.all(jnp.isfinite(jnp.stack(list(scalars.values())))) & g_finite & d_finite
     # A non-finite step leaves both networks untouched; the host aborts when it sees the flag.
     new_nets = jax.tree.map(lambda a, b: jnp.where(finite, a, b),
                             {GEN: new_g, DISC: new_d}, {GEN: g_net, DISC: d_net})
     metrics = dict(scalars, loss=scalars["g_loss"],  # `loss`: what the trainer's abort names.
-                   g_grad_norm=optax.tree.norm(g_grads),
-                   d_grad_norm=optax.tree.norm(d_grads),
+                   g_grad_norm=g_grad_norm, d_grad_norm=d_grad_norm,
                    learning_rate=self.lr(state.step), finite=finite)
     return ts.TrainState(step=state.step + 1, nets=new_nets), metrics
 
@@ -267,7 +253,7 @@ class Pix2PixTask:
     keys = None
     if pcfg.dropout_at_generation and pcfg.dropout > 0:
       key = jax.random.fold_in(jax.random.wrap_key_data(key_data), _GEN_SALT)
-      keys = example_keys(key, batch["image"].shape[0])
+      keys = parallel.example_keys(key, batch["image"].shape[0])
     gen = self.apply_generator(variables, batch["cond"], keys)
     return paste(gen, batch).astype(jnp.float32)
 
