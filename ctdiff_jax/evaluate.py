@@ -47,6 +47,7 @@ from tqdm import auto as tqdm
 
 from ctdiff_jax import datasets
 from ctdiff_jax import fid
+from ctdiff_jax import generate
 from ctdiff_jax import metrics_image
 from ctdiff_jax import records
 from ctdiff_jax.data import masks as masks_lib
@@ -81,8 +82,8 @@ def _has_organ(record: Mapping[str, Any], cfg: transforms.ExampleConfig) -> bool
   return int(union.sum()) >= masks_lib.MIN_ORGAN_PIXELS
 
 
-def select_slices(source, cfg: transforms.ExampleConfig, num_samples: int,
-                  seed: int) -> tuple[np.ndarray, int]:
+def select_slices(source, cfg: transforms.ExampleConfig, num_samples: int, seed: int,
+                  progress: bool = True) -> tuple[np.ndarray, int]:
   """(sorted record indices with the organ, organ-free slices seen).
 
   num_samples = 0: every slice with the organ. Otherwise a seeded random subset of that many
@@ -91,7 +92,8 @@ def select_slices(source, cfg: transforms.ExampleConfig, num_samples: int,
   n = len(source)
   order = np.arange(n) if num_samples <= 0 else np.random.default_rng(seed).permutation(n)
   chosen, skipped = [], 0
-  for i in tqdm.tqdm(order, desc="selecting slices", unit="slice", leave=False):
+  for i in tqdm.tqdm(order, desc="selecting slices", unit="slice", leave=False,
+                     disable=not progress):
     if _has_organ(source[int(i)], cfg):
       chosen.append(int(i))
       if 0 < num_samples <= len(chosen):
@@ -202,68 +204,6 @@ def _fid_dict(res: fid.FIDResult) -> dict[str, Any]:
   return dataclasses.asdict(res)
 
 
-def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
-  """FID of two feature sets, exact, without scipy's D x D sqrtm (fid.frechet_distance's value).
-
-  tr sqrtm(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2. With A the
-  centred features, those are the squared singular values of M = A1 A2^T / sqrt((n1-1)(n2-1))
-  (n1 x n2), so the trace is M's nuclear norm: cheap when a set is smaller than D, as on test
-  splits (scipy's Schur sqrtm of a singular 2048 x 2048 product takes minutes on a CPU).
-  Larger sets use eigh of S1^1/2 S2 S1^1/2 (symmetric PSD, D x D) instead.
-  """
-  f1 = np.asarray(feats1, np.float64)
-  f2 = np.asarray(feats2, np.float64)
-  if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
-    raise ValueError(f"need features [N >= 2, D] of one D, got {f1.shape} and {f2.shape}")
-  if not (np.isfinite(f1).all() and np.isfinite(f2).all()):
-    raise ValueError("features contain NaN or inf")
-  (n1, d), n2 = f1.shape, len(f2)
-  mu1, mu2 = f1.mean(axis=0), f2.mean(axis=0)
-  a1, a2 = f1 - mu1, f2 - mu2
-  tr1, tr2 = (a1 * a1).sum() / (n1 - 1), (a2 * a2).sum() / (n2 - 1)
-  if min(n1, n2) <= d:
-    tr_covmean = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
-  else:
-    s1, s2 = a1.T @ a1 / (n1 - 1), a2.T @ a2 / (n2 - 1)
-    w, v = np.linalg.eigh(s1)
-    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    m = root1 @ s2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
-  diff = mu1 - mu2
-  return float(diff @ diff + tr1 + tr2 - 2.0 * tr_covmean)
-
-
-def fid_result(feats1: np.ndarray, feats2: np.ndarray, bootstrap: int = 0,
-               seed: int = 0) -> fid.FIDResult:
-  """FIDResult with counts; bootstrap > 1 adds the std over resamplings of both sets.
-
-  Resamples exactly like fid.fid_bootstrap(feats1, feats2, bootstrap, rng=seed).
-  """
-  f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
-  value = frechet_distance(f1, f2)
-  if bootstrap <= 1:
-    return fid.FIDResult(value, len(f1), len(f2))
-  rng = np.random.default_rng(seed)
-  vals = []
-  for _ in range(bootstrap):
-    s1 = f1[rng.integers(0, len(f1), len(f1))]
-    s2 = f2[rng.integers(0, len(f2), len(f2))]
-    vals.append(frechet_distance(s1, s2))
-  return fid.FIDResult(value, len(f1), len(f2), float(np.std(vals, ddof=1)), bootstrap)
-
-
-def _paste(generated_unit: np.ndarray, real_hu: np.ndarray, mask: np.ndarray,
-           window) -> np.ndarray:
-  """int16 HU: rounded generated HU inside the mask, the original slice outside."""
-  gen_hu = transforms.unit_to_hu(generated_unit.astype(np.float64), window)
-  gen_hu = np.clip(np.rint(gen_hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max)
-  return np.where(mask, gen_hu, real_hu).astype(np.int16)
-
-
-def _chunk_seed(seed: int, chunk: int) -> int:
-  return int(np.random.SeedSequence([int(seed), int(chunk)]).generate_state(1)[0])
-
-
 def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=None,
              pix2pix_workdir: str | None = None, split: str | None = None,
              num_samples: int | None = None, seed: int = 0,
@@ -287,7 +227,7 @@ def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=Non
     {pix2pix|diffusion|neighbour: {fid_whole, fid_crop, [mae_hu, psnr_db, ssim]} or None},
     checkpoints, settings and warnings.
   """
-  # Lazy: keeps `--merge` and the table helpers free of jax.
+  # Lazy: `--merge` and the table helpers need no model code.
   from ctdiff_jax import inference  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -319,7 +259,7 @@ def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=Non
                          transforms.ExampleConfig.from_data_config(pix2pix_config.data))
   models["diffusion"] = (inference.Inpainter(config, workdir), cfg)
 
-  indices, without_organ = select_slices(source, cfg, num_samples, seed)
+  indices, without_organ = select_slices(source, cfg, num_samples, seed, progress)
   n = len(indices)
   if n < 2:
     raise ValueError(f"split {split!r} of ct_slices/{datasets.dataset_config_name(config)} has "
@@ -343,9 +283,9 @@ def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=Non
     for name, (inpainter, mcfg) in models.items():
       examples = [transforms.example_with_mask(r, mcfg, m) for r, m in zip(recs, masks)]
       batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "cond")}
-      generated = inpainter.inpaint(batch, _chunk_seed(seed, c), progress=False,
+      generated = inpainter.inpaint(batch, generate.chunk_seed(seed, c), progress=False,
                                     desc=f"inpainting ({name})")
-      hu_sets[name] = _paste(generated[..., 0], real, masks, mcfg.hu_window)
+      hu_sets[name] = generate.paste_hu(generated[..., 0], real, masks, mcfg.hu_window)
       values = metrics_image.masked_metrics(hu_sets[name], real, masks, window)
       for k in IMAGE_METRICS:
         per_slice[f"{name}_{k}"].extend(values[k].tolist())
@@ -367,8 +307,8 @@ def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=Non
   for name in ("neighbour",) + tuple(models):
     entry: dict[str, Any] = {}
     for kind in FID_KINDS:
-      entry[kind] = _fid_dict(fid_result(feats_all[("real", kind)], feats_all[(name, kind)],
-                                         bootstrap, seed))
+      entry[kind] = _fid_dict(fid.fid_from_features(
+          feats_all[("real", kind)], feats_all[(name, kind)], bootstrap, seed))
     if name in models:
       for k in IMAGE_METRICS:
         entry[k] = metrics_image.summarize(per_slice[f"{name}_{k}"])

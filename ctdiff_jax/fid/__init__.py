@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from ctdiff_jax.fid.preprocess import hu_to_uint8, hu_to_uint8_rgb, resize_bilinear_tf
 from ctdiff_jax.fid.stats import (FeatureStats, FIDResult, fid_bootstrap, fid_from_features,
-                                  fid_from_stats, frechet_distance, statistics)
+                                  fid_from_stats, frechet_distance,
+                                  frechet_distance_features, statistics)
 from ctdiff_jax.fid.weights import (FIDWeightsNotFoundError, default_cache_path, find_source,
                                     load_params)
 from ctdiff_jax.fid.weights import convert as convert_weights
@@ -31,8 +32,8 @@ from ctdiff_jax.fid.weights import convert as convert_weights
 __all__ = [
     "FIDResult", "FIDWeightsNotFoundError", "FeatureStats", "convert_weights",
     "default_cache_path", "feature_stats", "features", "fid_bootstrap", "fid_from_features",
-    "fid_from_stats", "find_source", "frechet_distance", "hu_to_uint8", "hu_to_uint8_rgb",
-    "load_params", "resize_bilinear_tf", "statistics",
+    "fid_from_stats", "find_source", "frechet_distance", "frechet_distance_features",
+    "hu_to_uint8", "hu_to_uint8_rgb", "load_params", "resize_bilinear_tf", "statistics",
 ]
 
 
