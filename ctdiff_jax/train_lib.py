@@ -155,7 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scalars = metrics.compute()
         scalars["steps_per_sec"] = (step - s_log) / max(now - t_log, 1e-9)
         writer.write_scalars(step, scalars)
-        bar.set_postfix(loss=f"{float(scalars['loss']):.4g}")
+        bar.set_postfix({k: f"{float(scalars[k]):.4g}" for k in ("loss", "g_l1", "d_loss")
+                         if k in scalars})
         metrics, t_log, s_log = None, now, step
       if step % config.checkpoint_every_steps == 0 or is_last:
         checkpointing.save(manager, step, jax.device_get(parallel.unreplicate(state_r)),

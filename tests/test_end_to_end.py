@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from configs import kidney_tumor
+from configs import pix2pix_kidneys
 from ctdiff_jax import build_dataset
 from ctdiff_jax import evaluate
 from ctdiff_jax import generate
@@ -40,7 +41,7 @@ def run(totalseg_dir, tmp_path_factory):
       w.writerow([case, f"phantom/{case}_ct.nii.gz", f"phantom/{case}_seg.nii.gz",
                   "phantom/labels.json"])
   summary = build_dataset.build("kidney_tumor", raw, root / "tfds", image_size=SIZE,
-                                spacing_mm=SPACING, split_ratios=(0.5, 0.0, 0.5))
+                                spacing_mm=SPACING)
   config = kidney_tumor.get_config("smoke")
   config.data_dir = str(root / "tfds")
   config.image_size, config.spacing_mm = SIZE, SPACING
@@ -51,7 +52,16 @@ def run(totalseg_dir, tmp_path_factory):
   config.eval.num_samples = 6
   workdir = root / "run"
   train_lib.train_and_evaluate(config, str(workdir))
-  return {"root": root, "config": config, "workdir": workdir, "build": summary}
+  # The Pix2Pix baseline on exactly the same records and masks.
+  p2p = pix2pix_kidneys.get_config("smoke")
+  p2p.dataset = "kidney_tumor"
+  for field in ("data_dir", "image_size", "spacing_mm", "num_train_steps", "log_every_steps",
+                "checkpoint_every_steps", "sample_every_steps", "per_device_batch_size"):
+    p2p[field] = config[field]
+  p2p.data.mask_mode = config.data.mask_mode
+  train_lib.train_and_evaluate(p2p, str(root / "pix2pix"))
+  return {"root": root, "config": config, "workdir": workdir, "build": summary,
+          "pix2pix_config": p2p, "pix2pix_workdir": root / "pix2pix"}
 
 
 def test_build_mixes_real_and_phantom_cases(run):
@@ -60,7 +70,9 @@ def test_build_mixes_real_and_phantom_cases(run):
   assert "s02" in build["cases_without_organ"]  # No kidneys on s02's 20 slices.
   cases = {c for ids in build["cases"].values() for c in ids}
   assert {"s01", "phantom_000", "phantom_001"} <= cases
-  assert build["slices"]["train"] > 0 and build["slices"]["test"] > 0
+  assert build["slices"]["train"] > 0
+  split_of = {c: split for split, ids in build["cases"].items() for c in ids}
+  assert len(split_of) == sum(len(ids) for ids in build["cases"].values())  # One split each.
 
 
 def test_training_wrote_checkpoint_and_metrics(run):
@@ -96,14 +108,17 @@ def test_generate_scenario(run, scenario):
 def test_evaluate_writes_table(run):
   out = run["root"] / "eval"
   row = evaluate.evaluate(run["config"], str(run["workdir"]), str(out), split="train",
-                          progress=False)
+                          pix2pix_config=run["pix2pix_config"],
+                          pix2pix_workdir=str(run["pix2pix_workdir"]), progress=False)
   for name in ("table1.md", "table1.csv", "table1.json"):
     assert (out / name).exists()
   table = json.loads((out / "table1.json").read_text())
   assert [r["organ"] for r in table["rows"]] == [row["organ"]]
   methods = table["rows"][0]["methods"]
-  assert methods["pix2pix"] is None  # No Pix2Pix workdir given.
-  for method in ("diffusion", "neighbour"):
+  for method in ("pix2pix", "diffusion", "neighbour"):
     whole = methods[method]["fid_whole"]
     assert np.isfinite(whole["fid"]) and whole["n1"] == whole["n2"] == 6
-  assert "Diffusion" in (out / "table1.md").read_text()
+  md = (out / "table1.md").read_text()
+  assert "Diffusion" in md and "Pix2Pix" in md
+  for method in ("pix2pix", "diffusion"):
+    assert 0.0 <= methods[method]["mae_hu"]["mean"] < 3000
