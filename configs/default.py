@@ -15,6 +15,11 @@ from ctdiff_jax.data import pipeline
 from ctdiff_jax.models import unet
 
 
+# HU range mapped to [-1, 1] for abdominal organs: the model's resolution goes to soft tissue
+# (air and bone outside the mask are pasted back from the input unchanged anyway).
+ABDOMEN_WINDOW = (-250.0, 350.0)
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model_family = "diffusion"  # "diffusion" or "pix2pix": which task the trainer runs.
@@ -109,10 +114,12 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
   return config
 
 
-def for_dataset(dataset: str, variant: str = "", mask_mode: str = "organ"
+def for_dataset(dataset: str, variant: str = "", mask_mode: str = "organ",
+                hu_window: tuple[float, float] = ABDOMEN_WINDOW
                 ) -> ml_collections.ConfigDict:
-  """The default config pointed at one dataset config with one mask mode."""
+  """The default config pointed at one dataset config, mask mode and model HU window."""
   config = get_config(variant)
   config.dataset = dataset
   config.data.mask_mode = mask_mode
+  config.data.hu_window = hu_window
   return config

@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "quickstart_out", "Where everything is written.")
 flags.DEFINE_integer("num_cases", 16, "Phantom cases to generate.")
 flags.DEFINE_integer("seed", 0, "Seed of the cohort, training and sampling.")
-flags.DEFINE_integer("steps", 400, "Training steps of each smoke model.")
+flags.DEFINE_integer("steps", 1200, "Training steps of each smoke model.")
 flags.DEFINE_integer("image_size", 64, "Slice size in pixels.")
 flags.DEFINE_float("spacing_mm", 6.0, "In-plane spacing in mm (64 px x 6 mm covers the body).")
 flags.DEFINE_integer("num_samples", 16, "Synthetic slices per scenario.")
