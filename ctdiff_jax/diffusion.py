@@ -33,9 +33,14 @@ def default_diffusion_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.schedule = "cosine"
   cfg.num_timesteps = 1000
-  cfg.prediction = "eps"
-  # Extra loss weight inside the inpainting mask: w = 1 + mask_weight * mask.
-  cfg.mask_weight = 0.0
+  # v (Salimans & Ho) rather than eps: with eps the smoke kidney model's inpainted HU were
+  # biased bright (mean 0.45 vs 0.04 in model units, MAE 0.41) and with v unbiased
+  # (0.03 vs 0.04, MAE 0.14), same data, steps and seed (1200 steps, 64 px, DDIM-25,
+  # mask_weight 20).
+  cfg.prediction = "v"
+  # Extra loss weight inside the inpainting mask: w = 1 + mask_weight * mask. Outside the mask
+  # the answer is in the conditioning; 20 cut the smoke model's in-mask MAE from 0.20 to 0.14.
+  cfg.mask_weight = 20.0
   return cfg
 
 
