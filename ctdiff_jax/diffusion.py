@@ -208,9 +208,14 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array
 
 def loss_at(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array], t: jax.Array,
             noise: jax.Array, dropout_key: jax.Array, schedule: Schedule, *,
-            prediction: str = "eps", mask_weight: float = 0.0, train: bool = True
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`diffusion_loss` at given timesteps `t` [B] and `noise` (callers that draw per example)."""
+            prediction: str = "eps", mask_weight: float = 0.0, train: bool = True,
+            weight_mean: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`diffusion_loss` at given timesteps `t` [B] and `noise` (callers that draw per example).
+
+  `weight_mean`: the normaliser of the weighted MSE (default: this batch's mean(w)). Data-
+  parallel callers pass the mean of w over the global batch, so that the average of the
+  per-device losses equals the loss of the whole batch however it is split.
+  """
   _check_prediction(prediction)
   image, mask, cond = batch["image"], batch["mask"], batch["cond"]
   x_t = q_sample(schedule, image, t, noise)
@@ -218,6 +223,6 @@ def loss_at(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array], t: j
   sq_err = jnp.square(out.astype(jnp.float32) - target(schedule, image, t, noise, prediction))
   mask = mask.astype(jnp.float32)
   w = 1.0 + mask_weight * mask
-  loss = jnp.mean(w * sq_err) / jnp.mean(w)
+  loss = jnp.mean(w * sq_err) / (jnp.mean(w) if weight_mean is None else weight_mean)
   mse_mask = jnp.sum(mask * sq_err) / jnp.maximum(jnp.sum(mask), 1.0)
   return loss, {"loss": loss, "mse": jnp.mean(sq_err), "mse_mask": mse_mask}

@@ -76,11 +76,14 @@ class DiffusionTask:
                                      lax.axis_index(parallel.AXIS))
     net = state.nets[NET]
     dcfg = self.config.diffusion
+    # Global mean pixel weight: the pmean of per-device losses is then the global batch loss.
+    weight_mean = lax.pmean(jnp.mean(1.0 + dcfg.mask_weight * batch["mask"]), parallel.AXIS)
 
     def loss_fn(params):
       return diffusion.loss_at(self.model.apply, {"params": params}, batch, t, noise, dropout_key,
                                self.schedule, prediction=dcfg.prediction,
-                               mask_weight=dcfg.mask_weight, train=True)
+                               mask_weight=dcfg.mask_weight, train=True,
+                               weight_mean=weight_mean)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(net.params)
     loss = lax.pmean(loss, parallel.AXIS)
