@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 from absl import logging
 import jax
@@ -19,7 +19,6 @@ from tqdm import auto as tqdm
 from ctdiff_jax import checkpointing
 from ctdiff_jax import parallel
 from ctdiff_jax import tasks
-from ctdiff_jax.data import pipeline
 
 
 class Inpainter:
@@ -37,7 +36,7 @@ class Inpainter:
     self.config = config
     self.devices = parallel.local_devices(config.num_devices or None)
     self.mode = config.parallel
-    self.task = tasks.get_task(config, pipeline.cond_channels(config.data))
+    self.task = tasks.get_task(config)
     if not os.path.exists(checkpoint):
       raise FileNotFoundError(f"checkpoint path {checkpoint} does not exist")
     abstract = jax.eval_shape(self.task.init_state, jax.random.key(0))

@@ -8,7 +8,6 @@ Metrics stay on device and are pulled every `log_every_steps`: no host sync per 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -33,26 +32,11 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient."""
 
 
-@dataclasses.dataclass
-class Runtime:
-  """What a trained/restored run needs to generate: task, devices, mapped fns, state."""
-  config: ml_collections.ConfigDict
-  task: Any
-  devices: list
-  mode: str
-  metadata: dict
-
-
 def setup_devices(config) -> tuple[list, str]:
   if config.distributed:
     jax.distributed.initialize()
   devices = parallel.local_devices(config.num_devices or None)
   return devices, config.parallel
-
-
-def make_task(config, metadata: dict | None = None):
-  del metadata
-  return tasks.get_task(config, pipeline.cond_channels(config.data))
 
 
 def _pull(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
@@ -81,13 +65,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info("training %s on %d %s device(s), parallel=%s, workdir=%s", config.model_family,
                n_dev, devices[0].platform, mode, workdir)
 
-  source, metadata = datasets.open_split(config, config.train_split)
+  source, _ = datasets.open_split(config, config.train_split)
   loader = pipeline.create_loader(
       source, config.data, batch_shape=(n_dev, config.per_device_batch_size), seed=config.seed,
       worker_count=config.data.worker_count)
   data_iter = iter(loader)
 
-  task = make_task(config, metadata)
+  task = tasks.get_task(config)
   key = jax.random.key(config.seed)
   init_key, run_key = jax.random.split(key)
   manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints,

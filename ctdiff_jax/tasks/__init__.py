@@ -8,7 +8,11 @@ maps them with pmap or shard_map. The trainer (`train_lib`) is shared: no second
 from __future__ import annotations
 
 
-def get_task(config, cond_channels: int):
+def get_task(config, cond_channels: int | None = None):
+  """The task of `config.model_family`; cond_channels defaults to what config.data yields."""
+  if cond_channels is None:
+    from ctdiff_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    cond_channels = transforms.cond_channels(config.data)
   family = config.model_family
   if family == "diffusion":
     from ctdiff_jax.tasks import diffusion_task  # pylint: disable=g-import-not-at-top

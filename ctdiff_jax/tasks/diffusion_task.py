@@ -7,7 +7,6 @@ so timesteps and noise do not depend on how the global batch is split over devic
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from clu import metrics as clu_metrics
@@ -106,6 +105,3 @@ class DiffusionTask:
         sampler=sampler or scfg.sampler, num_steps=num_steps or scfg.num_steps, eta=scfg.eta,
         prediction=self.config.diffusion.prediction, repaint=scfg.repaint,
         resample=scfg.resample)
-
-  def generate_fn(self, **static):
-    return functools.partial(self.generate, **static)

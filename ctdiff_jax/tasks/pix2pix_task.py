@@ -26,7 +26,6 @@ comparison) and, by default, dropout as the noise source like the paper
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from clu import metrics as clu_metrics
@@ -256,6 +255,3 @@ class Pix2PixTask:
       keys = parallel.example_keys(key, batch["image"].shape[0])
     gen = self.apply_generator(variables, batch["cond"], keys)
     return paste(gen, batch).astype(jnp.float32)
-
-  def generate_fn(self, **static):
-    return functools.partial(self.generate, **static)
