@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from ctdiff_jax import diffusion
+from ctdiff_jax.diffusion import schedule as schedule_lib
 from ctdiff_jax.data import pipeline
 from ctdiff_jax.models import unet
 
@@ -39,7 +39,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     setattr(config.data, field, config.get_ref(field))
 
   config.model = unet.default_model_config()  # UNet width/depth/attention/dtype.
-  config.diffusion = diffusion.default_diffusion_config()  # Schedule, T, prediction target.
+  config.diffusion = schedule_lib.default_diffusion_config()  # Schedule, T, prediction target.
 
   config.sampling = ml_collections.ConfigDict()
   config.sampling.sampler = "ddim"  # "ddim" (num_steps, eta) or "ddpm" (all T steps).

@@ -1,13 +1,13 @@
 """Pix2Pix GAN baseline inside the kidneys mask (dataset config `kidneys`).
 
 Same data, masks and conditioning as `configs/kidneys.py`; `model_family='pix2pix'` makes the
-trainer run `ctdiff_jax.tasks.pix2pix_task`, configured by `config.pix2pix` (the diffusion
+trainer run `ctdiff_jax.training.tasks.pix2pix`, configured by `config.pix2pix` (the diffusion
 fields stay but are unused). Variants: "" (paper settings, 64 base filters) and "smoke" (64 px,
 8 base filters, CPU-sized).
 """
 
 from configs import default
-from ctdiff_jax.tasks import pix2pix_task
+from ctdiff_jax.training.tasks import pix2pix as pix2pix_task
 
 
 def get_config(variant: str = ""):

@@ -1,316 +1,26 @@
-"""Generate synthetic CT slices with a trained inpainting model and export them as a dataset.
+"""Generate CLI: synthetic CT slices from a trained inpainting model, exported as a dataset.
 
   python -m ctdiff_jax.generate --config=configs/kidneys.py:smoke --workdir=runs/kidneys \
       --scenario=organ --output_dir=synthetic --num_samples=64 [--seed=0 --split=test \
       --steps=50 --sampler=ddim --labels=1,2 --margin_mm=10 --mask_file=M.npy \
       --offset=dy,dx --formats=nifti,png --tfds --volumes --checkpoint_step=N --overwrite]
 
-Scenarios (ctdiff_jax/scenarios.py): `organ` regenerates the organ mask, `context` the organs'
-bounding box + margin (or a mask file), `tumor` pastes a tumour mask from another case into
-the host organ and generates a new tumour there. `--num_samples` may exceed the number of
-source slices: the source slices are cycled, each sample with its own randomness.
-
-Per sample i: the mask and tumour placement come from (seed, i) (scenarios.Planner), the
-diffusion noise from (seed, chunk, batch, position in batch), i.e. from (seed, i) for a
-given per-device batch size and device count. The generated HU are
-rint(unit_to_hu(model output)) inside the mask and the source record's int16 HU outside it,
-bit for bit.
-
-Export layout, NIfTI orientation and the TFDS export: see ctdiff_jax/export.py.
-
-Python API: `generate(...)` (files + summary dict), `generate_samples(...)` (everything in
-memory, for evaluate), `iter_samples(...)` (chunks, for streaming).
+The work is done by ctdiff_jax/generation (runner, scenarios, export).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import os
 import sys
-import time
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
-from tqdm import auto as tqdm
 
-from ctdiff_jax import datasets
-from ctdiff_jax import export
-from ctdiff_jax import inference
-from ctdiff_jax import records
-from ctdiff_jax import sampling
-from ctdiff_jax import scenarios
-from ctdiff_jax.data import transforms
-
-# Batches per inpaint call: the unit of progress updates and of streaming to the exporter.
-CHUNK_BATCHES = 4
-
-
-class CheckpointError(ValueError):
-  """The model checkpoint is missing or does not match the config."""
-
-
-@dataclasses.dataclass
-class Samples:
-  """Generated slices with everything needed to export or evaluate them ([N, H, W, 1] arrays)."""
-
-  index: np.ndarray  # [N] sample index
-  source_index: np.ndarray  # [N] record index in the split
-  round: np.ndarray  # [N] earlier uses of the same source slice in this run
-  case_id: list[str]
-  slice_index: np.ndarray  # [N] int32
-  spacing_mm: np.ndarray  # [N, 3] float32 (x, y, z)
-  image_hu: np.ndarray  # int16 source slice
-  prev_hu: np.ndarray  # int16 source neighbours
-  next_hu: np.ndarray
-  source_labels: np.ndarray  # uint8 source label map
-  labels: np.ndarray  # uint8 label map of the synthetic slice
-  mask: np.ndarray  # uint8 0/1 region that was regenerated
-  generated: np.ndarray  # float32 model output in [-1, 1] (the HU window)
-  generated_hu: np.ndarray  # int16: generated inside the mask, source HU outside
-  info: list[dict[str, Any]]  # per sample scenario details (tumour donor, offset, ...)
-  run: dict[str, Any] = dataclasses.field(default_factory=dict)  # checkpoint, skipped, ...
-
-  def __len__(self) -> int:
-    return len(self.index)
-
-  @classmethod
-  def concat(cls, parts: Sequence["Samples"]) -> "Samples":
-    if not parts:
-      raise ValueError("no samples to concatenate")
-    kw = {}
-    for f in dataclasses.fields(cls):
-      values = [getattr(p, f.name) for p in parts]
-      if f.name == "run":
-        kw[f.name] = dict(parts[-1].run)
-      elif isinstance(values[0], list):
-        kw[f.name] = list(itertools.chain.from_iterable(values))
-      else:
-        kw[f.name] = np.concatenate(values, axis=0)
-    return cls(**kw)
-
-
-def paste_hu(generated: np.ndarray, image_hu: np.ndarray, mask: np.ndarray,
-             window) -> np.ndarray:
-  """int16 HU: rint(unit_to_hu(generated)) where mask > 0, else `image_hu` unchanged."""
-  hu = np.rint(transforms.unit_to_hu(np.asarray(generated, np.float64), window))
-  hu = np.clip(hu, -32768, 32767).astype(np.int16)
-  return np.where(np.asarray(mask) > 0, hu, np.asarray(image_hu, np.int16))
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-  """The inpainter seed of one chunk (so chunks never share noise)."""
-  return int(np.random.SeedSequence([int(seed), int(chunk)]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def load_inpainter(config, checkpoint: str, *, steps: int | None = None,
-                   sampler: str | None = None,
-                   checkpoint_step: int | None = None) -> inference.Inpainter:
-  """The Inpainter of `checkpoint` (a workdir or its checkpoints dir), with clear errors."""
-  if sampler is not None and sampler not in sampling.SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {sampling.SAMPLERS}")
-  if steps is not None and steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}")
-  if not checkpoint:
-    raise CheckpointError("no checkpoint given: pass --workdir=<training workdir> or "
-                          "--checkpoint=<workdir or its checkpoints dir>")
-  try:
-    return inference.Inpainter(config, checkpoint, step=checkpoint_step, num_steps=steps,
-                               sampler=sampler)
-  except (FileNotFoundError, ValueError) as e:
-    raise CheckpointError(
-        f"cannot restore a {config.model_family} model ({config.dataset}, "
-        f"{config.image_size}px) from checkpoint {checkpoint}: {e}") from e
-
-
-def make_planner(config, scenario: str, *, split: str | None = None, seed: int = 0,
-                 labels: Sequence[int] | None = None, mask_file: str | None = None,
-                 margin_mm: float | None = None, offset=None, blend_px: int = scenarios.BLEND_PX,
-                 progress: bool = True) -> tuple[scenarios.Planner, dict[str, Any], str]:
-  """(planner, dataset metadata, split) of a scenario on `config`'s dataset."""
-  if scenario not in scenarios.SCENARIOS:
-    raise scenarios.ScenarioError(
-        f"unknown scenario {scenario!r}; expected one of {scenarios.SCENARIOS}")
-  if seed < 0:
-    raise ValueError(f"seed must be >= 0, got {seed}")
-  if mask_file and scenario != "context":
-    raise scenarios.ScenarioError(
-        f"--mask_file is only used by --scenario=context, not {scenario!r}")
-  split = split or config.eval_split
-  source, meta = datasets.open_split(config, split)
-  size = int(meta["image_size"])
-  mask = scenarios.load_mask_file(mask_file, (size, size)) if mask_file else None
-  planner = scenarios.Planner(
-      source, meta, config.data, scenario, seed=seed, label_ids=labels, margin_mm=margin_mm,
-      mask=mask, offset=scenarios.parse_offset(offset), blend_px=blend_px, split=split,
-      progress=progress)
-  return planner, meta, split
-
-
-def _samples(jobs: list[scenarios.Job], generated: np.ndarray, window) -> Samples:
-  stack = lambda key: np.stack([np.asarray(j.record[key]).reshape(generated.shape[1:])
-                                for j in jobs])
-  image_hu = stack(records.IMAGE).astype(np.int16)
-  mask = np.stack([j.mask for j in jobs]).astype(np.uint8)[..., None]
-  return Samples(
-      index=np.array([j.index for j in jobs], np.int64),
-      source_index=np.array([j.source_index for j in jobs], np.int64),
-      round=np.array([j.round for j in jobs], np.int64),
-      case_id=[j.case_id for j in jobs],
-      slice_index=np.array([j.slice_index for j in jobs], np.int32),
-      spacing_mm=np.stack([np.asarray(j.record[records.SPACING_MM], np.float32).reshape(3)
-                           for j in jobs]),
-      image_hu=image_hu,
-      prev_hu=stack(records.PREV_IMAGE).astype(np.int16),
-      next_hu=stack(records.NEXT_IMAGE).astype(np.int16),
-      source_labels=stack(records.LABELS).astype(np.uint8),
-      labels=np.stack([j.labels for j in jobs]).astype(np.uint8)[..., None],
-      mask=mask,
-      generated=np.asarray(generated, np.float32),
-      generated_hu=paste_hu(generated, image_hu, mask, window),
-      info=[dict(j.info) for j in jobs],
-  )
-
-
-def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Planner,
-                 num_samples: int, *, seed: int = 0, progress: bool = True
-                 ) -> Iterator[Samples]:
-  """Generates `num_samples` slices in chunks of CHUNK_BATCHES batches (tqdm: slices/s)."""
-  ecfg = transforms.ExampleConfig.from_data_config(config.data)
-  chunk = inpainter.batch_size * CHUNK_BATCHES
-  jobs = planner.jobs(num_samples)
-  bar = tqdm.tqdm(total=num_samples, desc=f"generating ({planner.scenario})", unit="slice",
-                  disable=not progress)
-  t0, done = time.time(), 0
-  try:
-    for c in itertools.count():
-      part = list(itertools.islice(jobs, chunk))
-      if not part:
-        break
-      examples = [transforms.example_with_mask(j.record, ecfg, j.mask) for j in part]
-      batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "cond")}
-      generated = inpainter.inpaint(batch, chunk_seed(seed, c), progress=False)
-      done += len(part)
-      bar.update(len(part))
-      bar.set_postfix(slices_per_s=f"{done / max(time.time() - t0, 1e-9):.2f}")
-      yield _samples(part, generated, ecfg.hu_window)
-  finally:
-    bar.close()
-
-
-def _inpainter(config, checkpoint, steps, sampler, checkpoint_step) -> inference.Inpainter:
-  if isinstance(checkpoint, inference.Inpainter):
-    if steps is not None or sampler is not None or checkpoint_step is not None:
-      raise ValueError("steps/sampler/checkpoint_step are set when the Inpainter is built")
-    return checkpoint
-  return load_inpainter(config, checkpoint, steps=steps, sampler=sampler,
-                        checkpoint_step=checkpoint_step)
-
-
-def generate_samples(config, checkpoint, scenario: str, *, num_samples: int, seed: int = 0,
-                     split: str | None = None, steps: int | None = None,
-                     sampler: str | None = None, mask_file: str | None = None,
-                     margin_mm: float | None = None, offset=None,
-                     labels: Sequence[int] | None = None,
-                     checkpoint_step: int | None = None, blend_px: int = scenarios.BLEND_PX,
-                     progress: bool = True) -> Samples:
-  """All `num_samples` generated slices in memory (no files); `.run` holds the provenance.
-
-  `checkpoint` is a training workdir / checkpoints dir, or an inference.Inpainter to reuse.
-  """
-  planner, meta, split = make_planner(config, scenario, split=split, seed=seed, labels=labels,
-                                      mask_file=mask_file, margin_mm=margin_mm, offset=offset,
-                                      blend_px=blend_px, progress=progress)
-  inpainter = _inpainter(config, checkpoint, steps, sampler, checkpoint_step)
-  out = Samples.concat(list(iter_samples(config, inpainter, planner, num_samples, seed=seed,
-                                         progress=progress)))
-  out.run = _run_info(config, inpainter, planner, meta, split, scenario, seed, steps, sampler)
-  return out
-
-
-def _run_info(config, inpainter, planner, meta, split, scenario, seed, steps, sampler):
-  diffusion = config.model_family == "diffusion"
-  return {
-      "scenario": scenario, "source_dataset": meta.get("dataset"), "source_split": split,
-      "seed": int(seed), "checkpoint": inpainter.checkpoint,
-      "checkpoint_step": int(inpainter.step), "model_family": config.model_family,
-      "sampler": (sampler or config.sampling.sampler) if diffusion else None,
-      "steps": (steps or config.sampling.num_steps) if diffusion else None,
-      "label_ids": list(planner.label_ids), "usable_slices": len(planner.usable),
-      "skipped": dict(planner.skipped),
-  }
-
-
-def generate(config, checkpoint, scenario: str, output_dir: str, *, num_samples: int,
-             seed: int = 0, split: str | None = None, steps: int | None = None,
-             sampler: str | None = None, mask_file: str | None = None,
-             margin_mm: float | None = None, offset=None, labels: Sequence[int] | None = None,
-             formats: Sequence[str] = export.FORMATS, tfds: bool = False,
-             volumes: bool = False, checkpoint_step: int | None = None,
-             blend_px: int = scenarios.BLEND_PX, overwrite: bool = False,
-             progress: bool = True) -> dict[str, Any]:
-  """Generates `num_samples` slices into `output_dir` (see export.py); returns a summary.
-
-  Checks the scenario, dataset and mask before loading the model, so bad input fails fast.
-  """
-  t0 = time.time()
-  unknown = [f for f in formats if f not in export.FORMATS]
-  if unknown:
-    raise ValueError(f"unknown format(s) {unknown}; expected some of {export.FORMATS}")
-  output_dir = os.path.abspath(os.path.expanduser(output_dir))
-  if os.path.exists(os.path.join(output_dir, "manifest.csv")) and not overwrite:
-    raise FileExistsError(f"{output_dir} already holds an export (manifest.csv); use another "
-                          f"--output_dir or --overwrite")
-  planner, meta, split = make_planner(config, scenario, split=split, seed=seed, labels=labels,
-                                      mask_file=mask_file, margin_mm=margin_mm, offset=offset,
-                                      blend_px=blend_px, progress=progress)
-  inpainter = _inpainter(config, checkpoint, steps, sampler, checkpoint_step)
-  run = _run_info(config, inpainter, planner, meta, split, scenario, seed, steps, sampler)
-  window = tuple(config.eval.fid_window) if "eval" in config else tuple(config.data.hu_window)
-  exporter = export.Exporter(output_dir, meta, num_samples, formats=formats, tfds=tfds,
-                             volumes=volumes, display_window=window,
-                             provenance={k: v for k, v in run.items() if k != "skipped"})
-  t_gen = time.time()
-  for part in iter_samples(config, inpainter, planner, num_samples, seed=seed,
-                           progress=progress):
-    exporter.add(part)
-  gen_seconds = time.time() - t_gen
-  written = exporter.finish()
-  run["skipped"] = dict(planner.skipped)
-  return {**run, **written, "num_samples": num_samples, "dataset": meta.get("dataset"),
-          "skipped_count": len(run["skipped"]), "seconds": round(time.time() - t0, 2),
-          "slices_per_s": round(num_samples / max(gen_seconds, 1e-9), 3)}
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-  """The human-readable end-of-run summary printed by the CLI."""
-  lines = [
-      f"generated {summary['num_samples']} slices ({summary['scenario']}) from "
-      f"{summary['dataset']} split {summary['source_split']!r} with checkpoint step "
-      f"{summary['checkpoint_step']} ({summary['checkpoint']})",
-      f"  {summary['slices_per_s']:.2f} slices/s, {summary['seconds']:.1f} s in all",
-      f"  output      {summary['output_dir']} ({summary['slice_files']} per-slice files)",
-      f"  manifest    {summary['manifest']}",
-  ]
-  if summary.get("figure"):
-    lines.append(f"  figure      {summary['figure']}")
-  if summary.get("volumes"):
-    lines.append(f"  volumes     {len(summary['volumes'])} files in "
-                 f"{os.path.dirname(summary['volumes'][0])}")
-  if summary.get("tfds_dir"):
-    lines.append(f"  tfds        {summary['tfds_name']} split {summary['tfds_split']!r} in "
-                 f"{summary['tfds_data_dir']} (tfds.data_source or --config.data_dir=...)")
-  skipped = summary.get("skipped", {})
-  if skipped:
-    lines.append(f"  skipped     {len(skipped)} source slices (empty mask / nothing fits), e.g. "
-                 + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]))
-  return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- CLI
+from ctdiff_jax.diffusion import sampling
+from ctdiff_jax.generation import export
+from ctdiff_jax.generation import runner
+from ctdiff_jax.generation import scenarios
 
 
 def _define_flags():
@@ -360,7 +70,7 @@ def main(argv: Sequence[str]) -> None:
   except ValueError:
     raise app.UsageError(f"--labels must be integer ids, got {fl.labels}") from None
   try:
-    summary = generate(
+    summary = runner.generate(
         fl.config, checkpoint, fl.scenario, fl.output_dir, num_samples=fl.num_samples,
         seed=fl.seed, split=fl.split, steps=fl.steps, sampler=fl.sampler,
         mask_file=fl.mask_file, margin_mm=fl.margin_mm, offset=fl.offset, labels=labels,
@@ -371,7 +81,7 @@ def main(argv: Sequence[str]) -> None:
     logging.debug("generate failed", exc_info=True)
     print(f"ctdiff_jax.generate: error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(format_summary(summary))
+  print(runner.format_summary(summary))
 
 
 if __name__ == "__main__":

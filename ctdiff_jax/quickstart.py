@@ -30,7 +30,7 @@ import jax
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "quickstart_out", "Where everything is written.")
-flags.DEFINE_integer("num_cases", 16, "Phantom cases to generate.")
+flags.DEFINE_integer("num_cases", 16, "Phantom cases to runner.")
 flags.DEFINE_integer("seed", 0, "Seed of the cohort, training and sampling.")
 flags.DEFINE_integer("steps", 1200, "Training steps of each smoke model.")
 flags.DEFINE_integer("image_size", 64, "Slice size in pixels.")
@@ -69,7 +69,7 @@ def plot_losses(runs: dict[str, str], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from ctdiff_jax import writers  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.training import writers  # pylint: disable=g-import-not-at-top
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for name, workdir in runs.items():
@@ -98,7 +98,11 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
   """Runs every stage; returns the paths of the report's artefacts."""
   # pylint: disable=g-import-not-at-top
   from configs import kidney_tumor, kidneys, pix2pix_kidneys
-  from ctdiff_jax import build_dataset, evaluate, generate, phantom, train_lib
+  from ctdiff_jax.ingest import build as ingest_build
+  from ctdiff_jax.evaluation import table1
+  from ctdiff_jax.generation import runner
+  from ctdiff_jax import phantom
+  from ctdiff_jax.training import trainer
   # pylint: enable=g-import-not-at-top
 
   out = os.path.abspath(os.path.expanduser(output_dir))
@@ -116,9 +120,9 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
 
   t0 = _stage("2/6 TFDS slice datasets: kidneys, kidney_tumor")
   for name in ("kidneys", "kidney_tumor"):
-    summary = build_dataset.build(name, raw, data_dir, image_size=image_size,
+    summary = ingest_build.build(name, raw, data_dir, image_size=image_size,
                                   spacing_mm=spacing_mm)
-    print(build_dataset.format_summary(summary), flush=True)
+    print(ingest_build.format_summary(summary), flush=True)
   _done(t0)
 
   args = dict(data_dir=data_dir, image_size=image_size, spacing_mm=spacing_mm, steps=steps,
@@ -129,7 +133,7 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
   runs = {name: os.path.join(out, "runs", name) for name in configs}
   for i, (name, config) in enumerate(configs.items()):
     t0 = _stage(f"3/6 training {name} ({i + 1}/3, {steps} steps)")
-    train_lib.train_and_evaluate(config, runs[name])
+    trainer.train_and_evaluate(config, runs[name])
     _done(t0)
 
   synthetic = {}
@@ -137,14 +141,14 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
                          ("tumor", "diffusion_kidney_tumor")):
     t0 = _stage(f"4/6 generating {num_samples} slices: scenario {scenario}")
     dest = os.path.join(out, "synthetic", scenario)
-    summary = generate.generate(configs[name], runs[name], scenario, dest,
+    summary = runner.generate(configs[name], runs[name], scenario, dest,
                                 num_samples=num_samples, seed=seed, tfds=True, overwrite=True)
-    print(generate.format_summary(summary), flush=True)
+    print(runner.format_summary(summary), flush=True)
     synthetic[scenario] = dest
     _done(t0)
 
   t0 = _stage("5/6 evaluation: Table 1 on the kidneys test split")
-  evaluate.evaluate(configs["diffusion_kidneys"], runs["diffusion_kidneys"], report,
+  table1.evaluate(configs["diffusion_kidneys"], runs["diffusion_kidneys"], report,
                     pix2pix_config=configs["pix2pix_kidneys"],
                     pix2pix_workdir=runs["pix2pix_kidneys"], seed=seed)
   _done(t0)

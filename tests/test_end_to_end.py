@@ -1,4 +1,4 @@
-"""End to end on the real shared CT (+ phantom lesion cases): build -> train -> generate -> evaluate.
+"""End to end on the real shared CT (+ phantom lesion cases): build -> train -> generate -> table1.
 
 The shared TotalSegmentator cases carry no tumours, so the raw dir is a CSV manifest mixing
 them (their labels.json) with two phantom cases with lesions (the phantom's labels.json): one
@@ -17,11 +17,11 @@ import pytest
 
 from configs import kidney_tumor
 from configs import pix2pix_kidneys
-from ctdiff_jax import build_dataset
-from ctdiff_jax import evaluate
-from ctdiff_jax import generate
+from ctdiff_jax.ingest import build as ingest_build
+from ctdiff_jax.evaluation import table1
+from ctdiff_jax.generation import runner
 from ctdiff_jax import phantom
-from ctdiff_jax import train_lib
+from ctdiff_jax.training import trainer
 
 SIZE, SPACING = 48, 8.0
 
@@ -40,7 +40,7 @@ def run(totalseg_dir, tmp_path_factory):
     for case in ("phantom_000", "phantom_001"):
       w.writerow([case, f"phantom/{case}_ct.nii.gz", f"phantom/{case}_seg.nii.gz",
                   "phantom/labels.json"])
-  summary = build_dataset.build("kidney_tumor", raw, root / "tfds", image_size=SIZE,
+  summary = ingest_build.build("kidney_tumor", raw, root / "tfds", image_size=SIZE,
                                 spacing_mm=SPACING)
   config = kidney_tumor.get_config("smoke")
   config.data_dir = str(root / "tfds")
@@ -51,7 +51,7 @@ def run(totalseg_dir, tmp_path_factory):
   config.sampling.num_steps = 3
   config.eval.num_samples = 6
   workdir = root / "run"
-  train_lib.train_and_evaluate(config, str(workdir))
+  trainer.train_and_evaluate(config, str(workdir))
   # The Pix2Pix baseline on exactly the same records and masks.
   p2p = pix2pix_kidneys.get_config("smoke")
   p2p.dataset = "kidney_tumor"
@@ -59,7 +59,7 @@ def run(totalseg_dir, tmp_path_factory):
                 "checkpoint_every_steps", "sample_every_steps", "per_device_batch_size"):
     p2p[field] = config[field]
   p2p.data.mask_mode = config.data.mask_mode
-  train_lib.train_and_evaluate(p2p, str(root / "pix2pix"))
+  trainer.train_and_evaluate(p2p, str(root / "pix2pix"))
   return {"root": root, "config": config, "workdir": workdir, "build": summary,
           "pix2pix_config": p2p, "pix2pix_workdir": root / "pix2pix"}
 
@@ -85,7 +85,7 @@ def test_training_wrote_checkpoint_and_metrics(run):
 @pytest.mark.parametrize("scenario", ["organ", "context", "tumor"])
 def test_generate_scenario(run, scenario):
   out = run["root"] / f"gen_{scenario}"
-  summary = generate.generate(run["config"], str(run["workdir"]), scenario, str(out),
+  summary = runner.generate(run["config"], str(run["workdir"]), scenario, str(out),
                               num_samples=4, seed=0, split="train", progress=False)
   assert summary["num_samples"] == 4 and (out / "figure4.png").exists()
   with open(out / "manifest.csv", newline="") as f:
@@ -107,7 +107,7 @@ def test_generate_scenario(run, scenario):
 
 def test_evaluate_writes_table(run):
   out = run["root"] / "eval"
-  row = evaluate.evaluate(run["config"], str(run["workdir"]), str(out), split="train",
+  row = table1.evaluate(run["config"], str(run["workdir"]), str(out), split="train",
                           pix2pix_config=run["pix2pix_config"],
                           pix2pix_workdir=str(run["pix2pix_workdir"]), progress=False)
   for name in ("table1.md", "table1.csv", "table1.json"):

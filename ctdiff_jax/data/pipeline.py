@@ -38,7 +38,6 @@ The seed is not a data field: callers pass the run's seed to `create_loader`.
 from __future__ import annotations
 
 import math
-import pathlib
 from typing import Any, Sequence
 
 import grain.python as grain
@@ -47,9 +46,6 @@ import ml_collections
 from ctdiff_jax.data import masks
 from ctdiff_jax.data import transforms
 from ctdiff_jax.data.transforms import cond_channels  # pylint: disable=unused-import
-
-BUILDER_NAME = "ct_slices"
-
 
 def default_data_config() -> ml_collections.ConfigDict:
   """Defaults for every data field documented in the module docstring."""
@@ -96,45 +92,6 @@ class ListSource(grain.RandomAccessDataSource):
 
   def __repr__(self) -> str:
     return f"ListSource(len={len(self._items)})"
-
-
-def dataset_dir(data_dir: str | pathlib.Path, dataset_name: str) -> pathlib.Path:
-  """The newest version directory of `<data_dir>/ct_slices/<dataset_name>/`."""
-  root = pathlib.Path(data_dir).expanduser() / BUILDER_NAME / dataset_name
-  versions = []
-  if root.is_dir():
-    for d in root.iterdir():
-      parts = d.name.split(".")
-      if d.is_dir() and len(parts) == 3 and all(p.isdigit() for p in parts) and (
-          d / "dataset_info.json").exists():
-        versions.append((tuple(int(p) for p in parts), d))
-  if not versions:
-    raise FileNotFoundError(
-        f"no built dataset at {root}/<version>/ (build it with "
-        f"`python -m ctdiff_jax.build_dataset --dataset={dataset_name} --data_dir={data_dir}`)")
-  return max(versions)[1]
-
-
-def load_source(data_dir: str | pathlib.Path, dataset_name: str, split: str):
-  """The TFDS random-access data source of one split (no TensorFlow needed).
-
-  Tries the registered builder (`tfds.data_source("ct_slices/<name>")`, download=False) and
-  falls back to reading the directory's own metadata (`tfds.builder_from_directory`).
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  first_error = None
-  try:
-    import data_builders.ct_slices  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
-    return tfds.data_source(f"{BUILDER_NAME}/{dataset_name}", split=split,
-                            data_dir=str(data_dir), download=False)
-  except Exception as e:  # pylint: disable=broad-except
-    first_error = e
-  path = dataset_dir(data_dir, dataset_name)
-  builder = tfds.builder_from_directory(str(path))
-  if split not in builder.info.splits:
-    raise ValueError(f"dataset {path} has no split {split!r} (splits: "
-                     f"{sorted(builder.info.splits)}); registered builder said: {first_error}")
-  return builder.as_data_source(split=split)
 
 
 def create_loader(

@@ -6,7 +6,7 @@ unpickle the transforms.
 `hu_to_unit` / `unit_to_hu` are the one place that maps Hounsfield units to the model's [-1, 1]
 range and back; training, sampling and export all use them.
 
-Per record (see ctdiff_jax/records.py), `MakeExample` produces:
+Per record (see ctdiff_jax/ingest/records.py), `MakeExample` produces:
 
   image        float32 (H, W, 1) in [-1, 1]   windowed CT slice
   mask         float32 (H, W, 1) in {0, 1}    1 = region to regenerate (see data/masks.py)
@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import grain.python as grain
 import numpy as np
 
-from ctdiff_jax import records
+from ctdiff_jax.ingest import records
 from ctdiff_jax.data import masks
 
 DEFAULT_WINDOW = (-1000.0, 1000.0)

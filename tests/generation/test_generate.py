@@ -1,0 +1,462 @@
+"""Generation scenarios, the synthetic-dataset exporters and the generate CLI (CPU, tiny model).
+
+A 4-case phantom cohort with tumours is built as kidney_tumor at 32 px x 12 mm (kidney=1,
+tumour=2). The checkpoint is a random-weight train state written with the trainer's own
+checkpointing module: a 2-step train_lib run costs minutes of XLA compile on a shared 2-core
+CPU, and test_train.py covers the trainer. The model is untrained, so the tests check the
+mechanics (masks, paste-back, labels, files, orientation, determinism), not image quality.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import kidney_tumor, kidneys
+from ctdiff_jax.ingest import build as ingest_build
+from ctdiff_jax.ingest import naming
+from ctdiff_jax.training import checkpointing
+from ctdiff_jax.data import sources
+from ctdiff_jax.generation import export
+from ctdiff_jax.generation import runner
+from ctdiff_jax import phantom
+from ctdiff_jax.ingest import records
+from ctdiff_jax.generation import scenarios
+from ctdiff_jax.training import tasks
+from ctdiff_jax.data import masks
+from ctdiff_jax.data import pipeline
+from no_tf import REPO_ROOT, run_python
+
+SIZE, SPACING = 32, 12.0  # 32 px x 12 mm covers the phantom's 384 mm field of view
+LESION = 2
+# Phantom label ids -> kidney_tumor dataset ids (kidney = both kidneys).
+PHANTOM_TO_DATASET = {phantom.ID["kidney_right"]: 1, phantom.ID["kidney_left"]: 1,
+                      phantom.KIDNEY_TUMOR: 2}
+
+
+def make_config(data_dir, module=kidney_tumor):
+  config = module.get_config("smoke")
+  config.data_dir = str(data_dir)
+  config.image_size = SIZE
+  config.spacing_mm = SPACING
+  config.sampling.num_steps = 3
+  return config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, pathlib.Path]:
+  root = tmp_path_factory.mktemp("generate_data")
+  phantom.write_cohort(root / "raw", 4, seed=0, lesions=True, progress=False)
+  for name in ("kidney_tumor", "kidneys"):
+    ingest_build.build(name, root / "raw", root / "tfds", image_size=SIZE, spacing_mm=SPACING)
+  return {"raw": root / "raw", "tfds": root / "tfds", "root": root}
+
+
+@pytest.fixture(scope="module")
+def workdir(data) -> pathlib.Path:
+  """A valid checkpoint of the smoke model (random weights, see the module docstring)."""
+  config = make_config(data["tfds"])
+  task = tasks.get_task(config, pipeline.cond_channels(config.data))
+  abstract = jax.eval_shape(task.init_state, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(
+      lambda s: (rng.normal(0.0, 0.05, s.shape).astype(s.dtype)
+                 if np.issubdtype(s.dtype, np.floating) else np.zeros(s.shape, s.dtype)),
+      abstract)
+  wd = data["root"] / "workdir"
+  manager = checkpointing.create_manager(str(wd), async_save=False, with_data=False)
+  checkpointing.save(manager, 0, state, None)
+  manager.wait_until_finished()
+  manager.close()
+  return wd
+
+
+@pytest.fixture(scope="module")
+def inpainter(data, workdir):
+  """One Inpainter (one sampler compile) shared by the tests."""
+  return runner.load_inpainter(make_config(data["tfds"]), str(workdir))
+
+
+@pytest.fixture(scope="module")
+def organ_export(data, inpainter):
+  """The organ scenario with every exporter; more samples than test slices (cycling)."""
+  config = make_config(data["tfds"])
+  n_test = naming.read_dataset_metadata(data["tfds"], "kidney_tumor_32px_12mm")[
+      "splits"]["test"]
+  out = data["root"] / "organ_export"
+  summary = runner.generate(config, inpainter, "organ", str(out), num_samples=n_test + 3,
+                              seed=0, tfds=True, volumes=True, progress=False)
+  with open(out / "manifest.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  return {"summary": summary, "out": out, "rows": rows, "n_test": n_test, "config": config}
+
+
+def source_records(config, split):
+  source, _ = sources.open_split(config, split)
+  return source
+
+
+def load_slice(path) -> tuple[np.ndarray, nib.Nifti1Image]:
+  img = nib.load(str(path))
+  arr = np.asarray(img.dataobj)
+  assert arr.shape == (SIZE, SIZE, 1), path
+  return export.from_ras(arr[..., 0]), img
+
+
+# ---------------------------------------------------------------------------- organ + export
+
+
+def test_manifest_rows_cycle_over_source_slices(organ_export):
+  rows, n_test, out = organ_export["rows"], organ_export["n_test"], organ_export["out"]
+  summary = organ_export["summary"]
+  assert len(rows) == n_test + 3 == summary["num_samples"]
+  assert list(rows[0]) == list(export.MANIFEST_COLUMNS)
+  assert [int(r["index"]) for r in rows] == list(range(n_test + 3))
+  assert {r["scenario"] for r in rows} == {"organ"}
+  assert {r["source_split"] for r in rows} == {"test"}
+  assert {int(r["checkpoint_step"]) for r in rows} == {0}
+  # Every test slice has kidney: all are used once, then the cycle restarts at the first.
+  assert len({r["source_index"] for r in rows[:n_test]}) == n_test
+  assert [r["source_index"] for r in rows[n_test:]] == [r["source_index"] for r in rows[:3]]
+  assert [int(r["round"]) for r in rows] == [0] * n_test + [1] * 3
+  for r in rows:
+    assert int(r["mask_pixels"]) > 0
+    for key in ("ct_file", "seg_file", "mask_file", "png_file"):
+      assert (out / r[key]).exists(), r[key]
+  assert summary["skipped_count"] == 0
+
+
+def test_nifti_outside_mask_is_source_hu_bit_for_bit(organ_export):
+  config, rows, out = organ_export["config"], organ_export["rows"], organ_export["out"]
+  source = source_records(config, "test")
+  lo, hi = config.data.hu_window
+  inside_changed = 0
+  for r in rows:
+    rec = source[int(r["source_index"])]
+    ct, img = load_slice(out / r["ct_file"])
+    seg, _ = load_slice(out / r["seg_file"])
+    mask, _ = load_slice(out / r["mask_file"])
+    assert img.get_data_dtype() == np.int16 and ct.dtype == np.int16
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    np.testing.assert_allclose(img.header.get_zooms(), rec[records.SPACING_MM], rtol=1e-6)
+    src_hu = rec[records.IMAGE][..., 0]
+    src_lab = rec[records.LABELS][..., 0]
+    m = mask.astype(bool)
+    # Organ scenario: the mask is the organ union, recomputed here independently.
+    np.testing.assert_array_equal(m, src_lab > 0)
+    assert int(r["mask_pixels"]) == m.sum()
+    np.testing.assert_array_equal(ct[~m], src_hu[~m])
+    np.testing.assert_array_equal(seg, src_lab)
+    assert ct[m].min() >= lo and ct[m].max() <= hi
+    inside_changed += int(np.sum(ct[m] != src_hu[m]))
+  assert inside_changed > 0, "the model's output must replace the organ pixels"
+
+
+def test_nifti_world_coordinates_match_the_raw_phantom(organ_export, data):
+  """Exported labels sit at the same RAS world (x, y) as in the source volume."""
+  rows, out = organ_export["rows"], organ_export["out"]
+  matched = flipped = total = 0
+  for r in rows[:organ_export["n_test"]]:
+    seg_img = nib.load(str(out / r["seg_file"]))
+    seg = np.asarray(seg_img.dataobj)[..., 0]
+    raw = nib.load(str(data["raw"] / f"{r['source_case']}_seg.nii.gz"))
+    raw_lab = np.asarray(raw.dataobj)
+    lut = np.zeros(256, np.uint8)
+    for k, v in PHANTOM_TO_DATASET.items():
+      lut[k] = v
+    z = int(r["slice_index"])
+    ii, jj = np.nonzero(seg > 0)
+    world = seg_img.affine @ np.stack([ii, jj, np.zeros_like(ii), np.ones_like(ii)])
+    vox = np.linalg.solve(raw.affine, world)[:2]
+    flip = vox.copy()
+    flip[0] = raw_lab.shape[0] - 1 - flip[0]  # the mirror image (a left-right swap)
+    for v, counter in ((vox, "ok"), (flip, "flip")):
+      # Output pixel centres fall half-way between source voxels: accept either neighbour.
+      hits = np.zeros(len(ii), bool)
+      for fx in (np.floor, np.ceil):
+        for fy in (np.floor, np.ceil):
+          x = np.clip(fx(v[0]).astype(int), 0, raw_lab.shape[0] - 1)
+          y = np.clip(fy(v[1]).astype(int), 0, raw_lab.shape[1] - 1)
+          hits |= lut[raw_lab[x, y, z]] == seg[ii, jj]
+      if counter == "ok":
+        matched += hits.sum()
+      else:
+        flipped += hits.sum()
+    total += len(ii)
+  assert total > 0
+  assert matched == total
+  assert flipped < 0.9 * total, "the check must be able to tell a left-right flip"
+
+
+def test_figure4_and_previews(organ_export):
+  out = organ_export["out"]
+  fig = np.asarray(Image.open(out / "figure4.png"))
+  tile = SIZE * -(-export.FIGURE_TILE_PX // SIZE)
+  rows = min(export.FIGURE_ROWS, len(organ_export["rows"]))
+  assert fig.shape == (16 + rows * (tile + 2) + 2, 3 * (tile + 2) + 2, 3)
+  # Red mask outlines on the masked-input column.
+  assert np.any((fig[..., 0] > 200) & (fig[..., 1] < 80))
+  png = np.asarray(Image.open(out / organ_export["rows"][0]["png_file"]))
+  assert png.shape == (SIZE, SIZE) and png.dtype == np.uint8 and png.max() > png.min()
+
+
+def test_volumes_stack_each_case_and_round(organ_export):
+  out, rows = organ_export["out"], organ_export["rows"]
+  by_group: dict[tuple[str, str], list[dict]] = {}
+  for r in rows:
+    by_group.setdefault((r["source_case"], r["round"]), []).append(r)
+  files = sorted(os.listdir(out / "volumes"))
+  assert len(files) == 3 * len(by_group)
+  for (case, rnd), group in by_group.items():
+    zs = sorted(int(r["slice_index"]) for r in group)
+    vol = nib.load(str(out / "volumes" / f"{case}_r{rnd}_ct.nii.gz"))
+    assert vol.shape == (SIZE, SIZE, zs[-1] - zs[0] + 1)
+    assert nib.aff2axcodes(vol.affine) == ("R", "A", "S")
+    data = np.asarray(vol.dataobj)
+    for r in group:
+      ct, img = load_slice(out / r["ct_file"])
+      k = int(r["slice_index"]) - zs[0]
+      np.testing.assert_array_equal(export.from_ras(data[..., k]), ct)
+      np.testing.assert_allclose(vol.affine @ [0, 0, k, 1], img.affine @ [0, 0, 0, 1])
+
+
+def test_tfds_export_loads_without_tensorflow(organ_export):
+  out, rows = organ_export["out"], organ_export["rows"]
+  summary = organ_export["summary"]
+  assert summary["tfds_name"] == "ct_slices/kidney_tumor_32px_12mm"
+  proc = run_python(f"""
+      import sys, numpy as np, nibabel as nib
+      import tensorflow_datasets as tfds
+      from ctdiff_jax.data import sources
+      from ctdiff_jax.generation import export
+      from configs import kidney_tumor
+      rows = {[(r["ct_file"], r["seg_file"], r["source_case"], int(r["slice_index"]))
+               for r in rows]!r}
+      out = {str(out)!r}
+      src = tfds.data_source("ct_slices/kidney_tumor_32px_12mm", data_dir=out + "/tfds",
+                             split="test")
+      b = tfds.builder_from_directory({summary["tfds_dir"]!r})
+      assert b.info.metadata["synthetic"]["scenario"] == "organ"
+      assert b.info.features.keys() == src[0].keys()
+      # Read like real data: the run config pointed at the export's data dir.
+      config = kidney_tumor.get_config("smoke")
+      config.data_dir, config.image_size, config.spacing_mm = out + "/tfds", 32, 12.0
+      real_like, meta = sources.open_split(config, "test")
+      assert len(src) == len(rows) == len(real_like), (len(src), len(rows))
+      for i, (ct, seg, case, z) in enumerate(rows):
+        rec = real_like[i]
+        assert rec["image"].dtype == np.int16 and rec["labels"].dtype == np.uint8
+        ct_arr = export.from_ras(np.asarray(nib.load(out + "/" + ct).dataobj)[..., 0])
+        seg_arr = export.from_ras(np.asarray(nib.load(out + "/" + seg).dataobj)[..., 0])
+        assert np.array_equal(rec["image"][..., 0], ct_arr), i
+        assert np.array_equal(rec["labels"][..., 0], seg_arr), i
+        assert rec["case_id"].decode() == case and int(rec["slice_index"]) == z
+      assert "tensorflow" not in sys.modules
+      print("TFDS_OK", len(src))
+  """)
+  assert f"TFDS_OK {len(rows)}" in proc.stdout
+
+
+def test_synthetic_neighbours_are_the_source_neighbours(data, inpainter):
+  config = make_config(data["tfds"])
+  samples = runner.generate_samples(config, inpainter, "organ", num_samples=4, seed=1,
+                                      progress=False)
+  source = source_records(config, "test")
+  for j in range(len(samples)):
+    rec = source[int(samples.source_index[j])]
+    np.testing.assert_array_equal(samples.prev_hu[j], rec[records.PREV_IMAGE])
+    np.testing.assert_array_equal(samples.next_hu[j], rec[records.NEXT_IMAGE])
+    np.testing.assert_array_equal(samples.image_hu[j], rec[records.IMAGE])
+
+
+# ---------------------------------------------------------------------------- determinism
+
+
+def test_ddim_same_seed_same_slices_and_paste_back_numerics(data, inpainter):
+  config = make_config(data["tfds"])
+  assert config.sampling.sampler == "ddim" and config.sampling.eta == 0.0
+  run = lambda seed: runner.generate_samples(config, inpainter, "context", num_samples=10,
+                                               seed=seed, progress=False)
+  a, b, c = run(5), run(5), run(6)
+  np.testing.assert_array_equal(a.generated, b.generated)
+  np.testing.assert_array_equal(a.generated_hu, b.generated_hu)
+  assert not np.array_equal(a.generated, c.generated)
+  # Samples 8, 9 are in the second chunk (batch of 8 on 2 devices x 4): their own noise.
+  assert not np.array_equal(a.generated[0], a.generated[8])
+  m = a.mask.astype(bool)
+  np.testing.assert_array_equal(a.generated_hu[~m], a.image_hu[~m])
+  # Inside: rint of the HU of the model output, against a float64 reference (exact: the
+  # paste-back maps in float64 too).
+  lo, hi = config.data.hu_window
+  ref = np.rint((np.clip(a.generated.astype(np.float64), -1, 1) + 1) * (hi - lo) / 2 + lo)
+  np.testing.assert_array_equal(a.generated_hu[m], ref[m].astype(np.int16))
+  # The context mask is the organs' bounding box plus the margin (10 mm -> 1 px at 12 mm).
+  for j in range(len(a)):
+    expect = masks.bbox_mask(a.source_labels[j], (), config.data.bbox_margin_mm,
+                             (SPACING, SPACING))
+    np.testing.assert_array_equal(m[j, ..., 0], expect)
+  assert a.run["checkpoint_step"] == 0 and a.run["scenario"] == "context"
+
+
+# ---------------------------------------------------------------------------- tumour
+
+
+def test_tumor_is_placed_inside_host_organ_and_labelled(tmp_path, data, inpainter):
+  config = make_config(data["tfds"])
+  out = tmp_path / "tumor"
+  summary = runner.generate(config, inpainter, "tumor", str(out), num_samples=8, seed=3,
+                              split="train", formats=("nifti",), progress=False)
+  assert summary["num_samples"] == 8 and "figure" in summary
+  with open(out / "manifest.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  source = source_records(config, "train")
+  for r in rows:
+    rec = source[int(r["source_index"])]
+    src_lab = rec[records.LABELS][..., 0]
+    seg, _ = load_slice(out / r["seg_file"])
+    mask, _ = load_slice(out / r["mask_file"])
+    ct, _ = load_slice(out / r["ct_file"])
+    placed = (seg == LESION) & (src_lab != LESION)
+    host = src_lab == 1
+    assert placed.any() and int(r["lesion_pixels"]) == placed.sum()
+    assert np.all(host[placed]), "the new tumour must lie inside the host organ"
+    assert np.all(host[mask > 0]) and np.all(mask[placed] > 0)
+    # A's own lesion and every other label are kept.
+    np.testing.assert_array_equal(seg[~placed], src_lab[~placed])
+    np.testing.assert_array_equal(ct[mask == 0], rec[records.IMAGE][..., 0][mask == 0])
+    # The train split has tumours in both of its cases: the donor is another case.
+    assert r["donor_case"] and r["donor_case"] != r["source_case"]
+    # The placed tumour is the donor's tumour component, translated by the offset.
+    donor = [source[i] for i in range(len(source))
+             if source[i][records.CASE_ID].decode() == r["donor_case"]
+             and int(source[i][records.SLICE_INDEX]) == int(r["donor_slice"])][0]
+    dy, dx = int(r["offset_dy"]), int(r["offset_dx"])
+    moved = np.zeros_like(placed)
+    rr, cc = np.nonzero(placed)
+    moved[rr - dy, cc - dx] = True
+    assert np.all(donor[records.LABELS][..., 0][moved] == LESION)
+
+
+def test_tumor_offset_given_and_nothing_fits(data):
+  config = make_config(data["tfds"])
+  planner, _, _ = runner.make_planner(config, "tumor", split="train", seed=0, progress=False)
+  job = next(planner.jobs(1))
+  dy, dx = job.info["offset"]
+  given, _, _ = runner.make_planner(config, "tumor", split="train", seed=0,
+                                      offset=f"{dy},{dx}", progress=False)
+  job2 = next(given.jobs(1))
+  assert job2.info["offset"] == (dy, dx)
+  np.testing.assert_array_equal(job2.labels == LESION, job.labels == LESION)
+  far, _, _ = runner.make_planner(config, "tumor", split="train", offset="200,200",
+                                    progress=False)
+  with pytest.raises(scenarios.ScenarioError, match=r"no tumour mask fits .*offset \(200, 200\)"
+                     r".*phantom_\d+/\d+"):
+    next(far.jobs(1))
+
+
+# ---------------------------------------------------------------------------- mask files
+
+
+def test_context_mask_file(tmp_path, data, inpainter):
+  config = make_config(data["tfds"])
+  user = np.zeros((SIZE, SIZE), bool)
+  user[10:20, 5:12] = True
+  path = tmp_path / "mask.npy"
+  np.save(path, user.astype(np.uint8))
+  samples = runner.generate_samples(config, inpainter, "context", num_samples=3,
+                                      mask_file=str(path), progress=False)
+  for j in range(3):
+    np.testing.assert_array_equal(samples.mask[j, ..., 0], user)
+    np.testing.assert_array_equal(samples.generated_hu[j][~user], samples.image_hu[j][~user])
+  # The same mask as PNG and as an exported (RAS) NIfTI reads back identically.
+  Image.fromarray(user.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+  export.save_nifti(str(tmp_path / "mask.nii.gz"), user[None].astype(np.uint8),
+                    (SPACING, SPACING, 5.0), 0, np.uint8)
+  for name in ("mask.png", "mask.nii.gz"):
+    np.testing.assert_array_equal(scenarios.load_mask_file(str(tmp_path / name),
+                                                           (SIZE, SIZE)), user)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, data, workdir):
+  config = make_config(data["tfds"])
+  out = str(tmp_path / "out")
+  with pytest.raises(runner.CheckpointError, match=r"checkpoint .*nowhere.*does not exist"):
+    runner.generate(config, str(tmp_path / "nowhere"), "organ", out, num_samples=1,
+                      progress=False)
+  (tmp_path / "empty_workdir").mkdir()
+  with pytest.raises(runner.CheckpointError, match="empty_workdir"):
+    runner.generate(config, str(tmp_path / "empty_workdir"), "organ", out, num_samples=1,
+                      progress=False)
+  plain = make_config(data["tfds"], kidneys)
+  with pytest.raises(scenarios.ScenarioError, match=r"needs a dataset with a lesion.*kidneys"):
+    runner.generate(plain, str(workdir), "tumor", out, num_samples=1, progress=False)
+  np.save(tmp_path / "empty.npy", np.zeros((SIZE, SIZE), np.uint8))
+  with pytest.raises(scenarios.ScenarioError, match=r"empty\.npy is empty"):
+    runner.generate(config, str(workdir), "context", out, num_samples=1,
+                      mask_file=str(tmp_path / "empty.npy"), progress=False)
+  np.save(tmp_path / "small.npy", np.ones((8, 8), np.uint8))
+  with pytest.raises(scenarios.ScenarioError, match=r"small\.npy has shape \(8, 8\)"):
+    runner.generate(config, str(workdir), "context", out, num_samples=1,
+                      mask_file=str(tmp_path / "small.npy"), progress=False)
+  with pytest.raises(scenarios.ScenarioError, match="only used by --scenario=context"):
+    runner.generate(config, str(workdir), "organ", out, num_samples=1,
+                      mask_file=str(tmp_path / "small.npy"), progress=False)
+  with pytest.raises(scenarios.ScenarioError, match=r"label ids \[7\] are not organs"):
+    runner.generate(config, str(workdir), "organ", out, num_samples=1, labels=[7],
+                      progress=False)
+  with pytest.raises(scenarios.ScenarioError, match="unknown scenario"):
+    runner.generate(config, str(workdir), "lungs", out, num_samples=1, progress=False)
+  assert not os.path.exists(os.path.join(out, "manifest.csv"))
+
+
+def test_planner_skips_slices_with_an_empty_mask(data):
+  """A host-organ subset absent from every slice: nothing usable -> a clear error."""
+  config = make_config(data["tfds"])
+  planner, _, _ = runner.make_planner(config, "organ", labels=[LESION], progress=False)
+  # Test-split slices without tumour are skipped and counted.
+  assert planner.skipped and all("empty mask" in v for v in planner.skipped.values())
+  assert len(planner.usable) + len(planner.skipped) == len(planner.source)
+  source = planner.source
+  src = pipeline.ListSource([{**source[i], records.LABELS: np.zeros((SIZE, SIZE, 1), np.uint8)}
+                             for i in range(3)])
+  meta = naming.read_dataset_metadata(data["tfds"], "kidney_tumor_32px_12mm")
+  with pytest.raises(scenarios.ScenarioError, match="no usable slice.*all 3 slices"):
+    scenarios.Planner(src, meta, config.data, "organ", progress=False)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _cli(args, timeout=300) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  return subprocess.run([sys.executable, "-m", "ctdiff_jax.generate", *args], cwd=REPO_ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_tumor_run_and_missing_checkpoint(tmp_path, data, workdir):
+  common = ["--config=configs/kidney_tumor.py:smoke", f"--config.data_dir={data['tfds']}",
+            f"--config.image_size={SIZE}", f"--config.spacing_mm={SPACING}"]
+  out = tmp_path / "cli"
+  proc = _cli(common + [f"--workdir={workdir}", "--scenario=tumor", "--split=train",
+                        "--num_samples=3", "--steps=2", "--sampler=ddim", f"--output_dir={out}",
+                        "--formats=png"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "generated 3 slices (tumor)" in proc.stdout and "figure4.png" in proc.stdout
+  with open(out / "manifest.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 3 and all(r["png_file"] and not r["ct_file"] for r in rows)
+  bad = _cli(common + [f"--workdir={tmp_path / 'missing'}", f"--output_dir={tmp_path / 'x'}"])
+  assert bad.returncode == 1
+  assert "error" in bad.stderr and "missing" in bad.stderr and "Traceback" not in bad.stderr
