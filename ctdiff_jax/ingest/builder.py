@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import pathlib
 from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
@@ -167,6 +168,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, file_format=None, **kwargs):
     # array_record by default: written and read without TensorFlow (tfrecord needs TF).
     super().__init__(file_format=file_format or "array_record", **kwargs)
+
+  def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
+    # Check the raw directory before TFDS creates any folder; a reused build needs none.
+    config = download_config or tfds.download.DownloadConfig()
+    reused = self.data_path.exists() and not config.download_mode.overwrite_dataset
+    if not reused and config.download_mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO:
+      downloads = pathlib.Path(download_dir or self.data_dir_root / "downloads")
+      layouts.check_manual_dir(config.manual_dir or downloads / "manual")
+    super().download_and_prepare(download_dir=download_dir, download_config=download_config,
+                                 **kwargs)
 
   def _create_builder_config(self, builder_config, version):
     # A CtSlicesConfig whose name matches a predefined one differs at most in the read

@@ -195,6 +195,23 @@ def detect_layout(root: str | pathlib.Path) -> str:
   return found[0]
 
 
+def check_manual_dir(root: str | pathlib.Path) -> pathlib.Path:
+  """`root` if it holds something; else FileNotFoundError / ValueError saying what to do.
+
+  The builder calls this before TFDS creates any folder: TFDS's own check comes later, as an
+  AssertionError, and leaves an empty dataset folder behind.
+  """
+  root = pathlib.Path(root)
+  todo = ("put the raw CT cases there or point manual_dir at them (--manual_dir=RAW for "
+          "`python -m ctdiff_jax.build_dataset` and `tfds build`), in one of the layouts "
+          f"{', '.join(LAYOUTS)} (see ctdiff_jax/ingest/layouts.py)")
+  if not root.exists():
+    raise FileNotFoundError(f"manual_dir {root} does not exist: {todo}")
+  if root.is_dir() and not any(root.iterdir()):
+    raise ValueError(f"manual_dir {root} is empty: {todo}")
+  return root
+
+
 # ---- enumeration --------------------------------------------------------------------------
 
 

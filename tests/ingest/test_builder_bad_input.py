@@ -226,9 +226,37 @@ def test_all_cases_bad_or_empty(tmp_path):
   _no_dataset_left(tmp_path / "out")
 
 
+_TODO = ("put the raw CT cases there or point manual_dir at them (--manual_dir=RAW for "
+         "`python -m ctdiff_jax.build_dataset` and `tfds build`), in one of the layouts "
+         "flat, totalsegmentator, kits, msd, lits, csv (see ctdiff_jax/ingest/layouts.py)")
+
+
 def test_missing_manual_dir(tmp_path):
-  with pytest.raises(Exception, match="manual"):
-    ingest_build.build("liver", tmp_path / "nope", tmp_path / "out", **OPTS)
+  raw = tmp_path / "nope"
+  with pytest.raises(FileNotFoundError) as e:
+    ingest_build.build("liver", raw, tmp_path / "out", **OPTS)
+  assert str(e.value) == f"manual_dir {raw} does not exist: {_TODO}"
+  assert not (tmp_path / "out").exists()  # checked before TFDS creates any folder
+
+
+def test_empty_manual_dir(tmp_path):
+  raw = tmp_path / "empty"
+  raw.mkdir()
+  with pytest.raises(ValueError) as e:
+    ingest_build.build("liver", raw, tmp_path / "out", **OPTS)
+  assert str(e.value) == f"manual_dir {raw} is empty: {_TODO}"
+  assert not (tmp_path / "out").exists()
+
+
+def test_default_manual_dir_of_plain_tfds_use(tmp_path):
+  # Without manual_dir TFDS reads <data_dir>/downloads/manual: named, nothing written.
+  from ctdiff_jax.ingest import builder as ctb  # pylint: disable=g-import-not-at-top
+  b = ctb.Builder(config=NAME, data_dir=str(tmp_path / "out"))
+  with pytest.raises(FileNotFoundError) as e:
+    b.download_and_prepare()
+  assert str(e.value) == (f"manual_dir {tmp_path / 'out' / 'downloads' / 'manual'} does not "
+                          f"exist: {_TODO}")
+  assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_layout_files(tmp_path):
