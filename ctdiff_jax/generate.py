@@ -70,12 +70,13 @@ def main(argv: Sequence[str]) -> None:
   except ValueError:
     raise app.UsageError(f"--labels must be integer ids, got {fl.labels}") from None
   try:
-    summary = runner.generate(
-        fl.config, checkpoint, fl.scenario, fl.output_dir, num_samples=fl.num_samples,
-        seed=fl.seed, split=fl.split, steps=fl.steps, sampler=fl.sampler,
-        mask_file=fl.mask_file, margin_mm=fl.margin_mm, offset=fl.offset, labels=labels,
-        formats=fl.formats, tfds=fl.tfds, volumes=fl.volumes,
-        checkpoint_step=fl.checkpoint_step, blend_px=fl.blend_px, overwrite=fl.overwrite)
+    spec = runner.GenerateSpec(
+        scenario=fl.scenario, num_samples=fl.num_samples, seed=fl.seed, split=fl.split,
+        steps=fl.steps, sampler=fl.sampler, checkpoint_step=fl.checkpoint_step, labels=labels,
+        margin_mm=fl.margin_mm, mask_file=fl.mask_file, offset=fl.offset,
+        blend_px=fl.blend_px, formats=fl.formats, tfds=fl.tfds, volumes=fl.volumes,
+        overwrite=fl.overwrite)
+    summary = runner.generate(fl.config, checkpoint, spec, fl.output_dir)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     # Bad input (scenario, dataset, mask, checkpoint): the message says what to fix.
     logging.debug("generate failed", exc_info=True)

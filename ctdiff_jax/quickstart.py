@@ -141,8 +141,9 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
                          ("tumor", "diffusion_kidney_tumor")):
     t0 = _stage(f"4/6 generating {num_samples} slices: scenario {scenario}")
     dest = os.path.join(out, "synthetic", scenario)
-    summary = runner.generate(configs[name], runs[name], scenario, dest,
-                                num_samples=num_samples, seed=seed, tfds=True, overwrite=True)
+    spec = runner.GenerateSpec(scenario=scenario, num_samples=num_samples, seed=seed,
+                               tfds=True, overwrite=True)
+    summary = runner.generate(configs[name], runs[name], spec, dest)
     print(runner.format_summary(summary), flush=True)
     synthetic[scenario] = dest
     _done(t0)

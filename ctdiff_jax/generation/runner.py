@@ -18,8 +18,10 @@ bit for bit.
 
 Export layout, NIfTI orientation and the TFDS export: see ctdiff_jax/generation/export.py.
 
-Python API: `generate(...)` (files + summary dict), `generate_samples(...)` (everything in
-memory, for evaluate), `iter_samples(...)` (chunks, for streaming).
+Python API: every option is one frozen `GenerateSpec` (checked when built; the CLI builds it
+from its flags). `generate(config, checkpoint, spec, output_dir)` (files + summary dict),
+`generate_samples(config, checkpoint, spec)` (everything in memory),
+`iter_samples(config, inpainter, planner)` (chunks, for streaming).
 """
 
 from __future__ import annotations
@@ -27,23 +29,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import sys
 import time
 from typing import Any, Iterator, Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
 from tqdm import auto as tqdm
 
 from ctdiff_jax.data import sources
+from ctdiff_jax.data import transforms
+from ctdiff_jax.diffusion import sampling
 from ctdiff_jax.generation import export
 from ctdiff_jax.generation import inference
-from ctdiff_jax.ingest import records
-from ctdiff_jax.diffusion import sampling
 from ctdiff_jax.generation import scenarios
-from ctdiff_jax.data import transforms
+from ctdiff_jax.ingest import records
 
 # Batches per inpaint call: the unit of progress updates and of streaming to the exporter.
 CHUNK_BATCHES = 4
@@ -51,6 +49,36 @@ CHUNK_BATCHES = 4
 
 class CheckpointError(ValueError):
   """The model checkpoint is missing or does not match the config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSpec(scenarios.ScenarioSpec):
+  """Everything a generate run is asked for (the generate CLI's flags), checked once.
+
+  The scenario fields (scenario, seed, labels, margin_mm, mask_file, offset, blend_px) are
+  scenarios.ScenarioSpec's; steps, sampler, checkpoint_step choose the model (None: the
+  config's / the latest checkpoint); formats .. overwrite the export (export/).
+  """
+
+  num_samples: int = 16
+  split: str | None = None  # None: config.eval_split
+  steps: int | None = None
+  sampler: str | None = None
+  checkpoint_step: int | None = None
+  formats: tuple[str, ...] = export.FORMATS
+  tfds: bool = False
+  volumes: bool = False
+  overwrite: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "formats", tuple(self.formats))
+    scenarios.check_at_least(self, (("num_samples", 1), ("steps", 1)))
+    if self.sampler is not None and self.sampler not in sampling.SAMPLERS:
+      raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {sampling.SAMPLERS}")
+    unknown = [f for f in self.formats if f not in export.FORMATS]
+    if unknown:
+      raise ValueError(f"unknown format(s) {unknown}; expected some of {export.FORMATS}")
 
 
 @dataclasses.dataclass
@@ -106,47 +134,31 @@ def chunk_seed(seed: int, chunk: int) -> int:
   return int(np.random.SeedSequence([int(seed), int(chunk)]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def load_inpainter(config, checkpoint: str, *, steps: int | None = None,
-                   sampler: str | None = None,
-                   checkpoint_step: int | None = None) -> inference.Inpainter:
-  """The Inpainter of `checkpoint` (a workdir or its checkpoints dir), with clear errors."""
-  if sampler is not None and sampler not in sampling.SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {sampling.SAMPLERS}")
-  if steps is not None and steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}")
+def load_inpainter(config, checkpoint: str,
+                   spec: GenerateSpec | None = None) -> inference.Inpainter:
+  """The Inpainter of `checkpoint` (a workdir or its checkpoints dir), with clear errors.
+
+  `spec` gives the checkpoint step and the sampler settings (default: latest, config's).
+  """
+  spec = spec or GenerateSpec()
   if not checkpoint:
     raise CheckpointError("no checkpoint given: pass --workdir=<training workdir> or "
                           "--checkpoint=<workdir or its checkpoints dir>")
   try:
-    return inference.Inpainter(config, checkpoint, step=checkpoint_step, num_steps=steps,
-                               sampler=sampler)
+    return inference.Inpainter(config, checkpoint, step=spec.checkpoint_step,
+                               num_steps=spec.steps, sampler=spec.sampler)
   except (FileNotFoundError, ValueError) as e:
     raise CheckpointError(
         f"cannot restore a {config.model_family} model ({config.dataset}, "
         f"{config.image_size}px) from checkpoint {checkpoint}: {e}") from e
 
 
-def make_planner(config, scenario: str, *, split: str | None = None, seed: int = 0,
-                 labels: Sequence[int] | None = None, mask_file: str | None = None,
-                 margin_mm: float | None = None, offset=None, blend_px: int = scenarios.BLEND_PX,
-                 progress: bool = True) -> tuple[scenarios.Planner, dict[str, Any], str]:
-  """(planner, dataset metadata, split) of a scenario on `config`'s dataset."""
-  if scenario not in scenarios.SCENARIOS:
-    raise scenarios.ScenarioError(
-        f"unknown scenario {scenario!r}; expected one of {scenarios.SCENARIOS}")
-  if seed < 0:
-    raise ValueError(f"seed must be >= 0, got {seed}")
-  if mask_file and scenario != "context":
-    raise scenarios.ScenarioError(
-        f"--mask_file is only used by --scenario=context, not {scenario!r}")
-  split = split or config.eval_split
+def make_planner(config, spec: GenerateSpec, *, progress: bool = True
+                 ) -> tuple[scenarios.Planner, dict[str, Any], str]:
+  """(planner, dataset metadata, split) of `spec`'s scenario on `config`'s dataset."""
+  split = spec.split or config.eval_split
   source, meta = sources.open_split(config, split)
-  size = int(meta["image_size"])
-  mask = scenarios.load_mask_file(mask_file, (size, size)) if mask_file else None
-  planner = scenarios.Planner(
-      source, meta, config.data, scenario, seed=seed, label_ids=labels, margin_mm=margin_mm,
-      mask=mask, offset=scenarios.parse_offset(offset), blend_px=blend_px, split=split,
-      progress=progress)
+  planner = scenarios.Planner(source, meta, config.data, spec, split=split, progress=progress)
   return planner, meta, split
 
 
@@ -176,13 +188,16 @@ def _samples(jobs: list[scenarios.Job], generated: np.ndarray, window) -> Sample
 
 
 def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Planner,
-                 num_samples: int, *, seed: int = 0, progress: bool = True
-                 ) -> Iterator[Samples]:
-  """Generates `num_samples` slices in chunks of CHUNK_BATCHES batches (tqdm: slices/s)."""
+                 num_samples: int, *, progress: bool = True) -> Iterator[Samples]:
+  """Generates `num_samples` slices of the planner's jobs in chunks of CHUNK_BATCHES batches.
+
+  The noise of chunk c comes from chunk_seed(planner.spec.seed, c).
+  """
   ecfg = transforms.ExampleConfig.from_data_config(config.data)
+  spec = planner.spec
   chunk = inpainter.batch_size * CHUNK_BATCHES
   jobs = planner.jobs(num_samples)
-  bar = tqdm.tqdm(total=num_samples, desc=f"generating ({planner.scenario})", unit="slice",
+  bar = tqdm.tqdm(total=num_samples, desc=f"generating ({spec.scenario})", unit="slice",
                   disable=not progress)
   t0, done = time.time(), 0
   try:
@@ -192,7 +207,7 @@ def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Plan
         break
       examples = [transforms.example_with_mask(j.record, ecfg, j.mask) for j in part]
       batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "cond")}
-      generated = inpainter.inpaint(batch, chunk_seed(seed, c), progress=False)
+      generated = inpainter.inpaint(batch, chunk_seed(spec.seed, c), progress=False)
       done += len(part)
       bar.update(len(part))
       bar.set_postfix(slices_per_s=f"{done / max(time.time() - t0, 1e-9):.2f}")
@@ -201,88 +216,72 @@ def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Plan
     bar.close()
 
 
-def _inpainter(config, checkpoint, steps, sampler, checkpoint_step) -> inference.Inpainter:
+def _inpainter(config, checkpoint, spec: GenerateSpec) -> inference.Inpainter:
   if isinstance(checkpoint, inference.Inpainter):
-    if steps is not None or sampler is not None or checkpoint_step is not None:
+    if (spec.steps, spec.sampler, spec.checkpoint_step) != (None, None, None):
       raise ValueError("steps/sampler/checkpoint_step are set when the Inpainter is built")
     return checkpoint
-  return load_inpainter(config, checkpoint, steps=steps, sampler=sampler,
-                        checkpoint_step=checkpoint_step)
+  return load_inpainter(config, checkpoint, spec)
 
 
-def generate_samples(config, checkpoint, scenario: str, *, num_samples: int, seed: int = 0,
-                     split: str | None = None, steps: int | None = None,
-                     sampler: str | None = None, mask_file: str | None = None,
-                     margin_mm: float | None = None, offset=None,
-                     labels: Sequence[int] | None = None,
-                     checkpoint_step: int | None = None, blend_px: int = scenarios.BLEND_PX,
+def generate_samples(config, checkpoint, spec: GenerateSpec, *,
                      progress: bool = True) -> Samples:
-  """All `num_samples` generated slices in memory (no files); `.run` holds the provenance.
+  """All `spec.num_samples` generated slices in memory (no files); `.run` is the provenance.
 
   `checkpoint` is a training workdir / checkpoints dir, or an inference.Inpainter to reuse.
   """
-  planner, meta, split = make_planner(config, scenario, split=split, seed=seed, labels=labels,
-                                      mask_file=mask_file, margin_mm=margin_mm, offset=offset,
-                                      blend_px=blend_px, progress=progress)
-  inpainter = _inpainter(config, checkpoint, steps, sampler, checkpoint_step)
-  out = Samples.concat(list(iter_samples(config, inpainter, planner, num_samples, seed=seed,
+  planner, meta, split = make_planner(config, spec, progress=progress)
+  inpainter = _inpainter(config, checkpoint, spec)
+  out = Samples.concat(list(iter_samples(config, inpainter, planner, spec.num_samples,
                                          progress=progress)))
-  out.run = _run_info(config, inpainter, planner, meta, split, scenario, seed, steps, sampler)
+  out.run = _run_info(config, inpainter, planner, meta, split)
   return out
 
 
-def _run_info(config, inpainter, planner, meta, split, scenario, seed, steps, sampler):
-  diffusion = config.model_family == "diffusion"
+def _run_info(config, inpainter, planner, meta, split):
+  spec = planner.spec
   return {
-      "scenario": scenario, "source_dataset": meta.get("dataset"), "source_split": split,
-      "seed": int(seed), "checkpoint": inpainter.checkpoint,
+      "scenario": spec.scenario, "source_dataset": meta.get("dataset"), "source_split": split,
+      "seed": int(spec.seed), "checkpoint": inpainter.checkpoint,
       "checkpoint_step": int(inpainter.step), "model_family": config.model_family,
-      "sampler": (sampler or config.sampling.sampler) if diffusion else None,
-      "steps": (steps or config.sampling.num_steps) if diffusion else None,
+      **inpainter.task.sampler_info(spec.steps, spec.sampler),  # None for pix2pix
       "label_ids": list(planner.label_ids), "usable_slices": len(planner.usable),
       "skipped": dict(planner.skipped),
   }
 
 
-def generate(config, checkpoint, scenario: str, output_dir: str, *, num_samples: int,
-             seed: int = 0, split: str | None = None, steps: int | None = None,
-             sampler: str | None = None, mask_file: str | None = None,
-             margin_mm: float | None = None, offset=None, labels: Sequence[int] | None = None,
-             formats: Sequence[str] = export.FORMATS, tfds: bool = False,
-             volumes: bool = False, checkpoint_step: int | None = None,
-             blend_px: int = scenarios.BLEND_PX, overwrite: bool = False,
+def display_window(config) -> tuple[float, float]:
+  """The HU window of the previews and Figure 4 (the FID window when the config has one)."""
+  return tuple(config.eval.fid_window) if "eval" in config else tuple(config.data.hu_window)
+
+
+def generate(config, checkpoint, spec: GenerateSpec, output_dir: str, *,
              progress: bool = True) -> dict[str, Any]:
-  """Generates `num_samples` slices into `output_dir` (see export.py); returns a summary.
+  """Generates `spec.num_samples` slices into `output_dir` (see export/); returns a summary.
 
   Checks the scenario, dataset and mask before loading the model, so bad input fails fast.
   """
   t0 = time.time()
-  unknown = [f for f in formats if f not in export.FORMATS]
-  if unknown:
-    raise ValueError(f"unknown format(s) {unknown}; expected some of {export.FORMATS}")
   output_dir = os.path.abspath(os.path.expanduser(output_dir))
-  if os.path.exists(os.path.join(output_dir, "manifest.csv")) and not overwrite:
+  if os.path.exists(os.path.join(output_dir, "manifest.csv")) and not spec.overwrite:
     raise FileExistsError(f"{output_dir} already holds an export (manifest.csv); use another "
                           f"--output_dir or --overwrite")
-  planner, meta, split = make_planner(config, scenario, split=split, seed=seed, labels=labels,
-                                      mask_file=mask_file, margin_mm=margin_mm, offset=offset,
-                                      blend_px=blend_px, progress=progress)
-  inpainter = _inpainter(config, checkpoint, steps, sampler, checkpoint_step)
-  run = _run_info(config, inpainter, planner, meta, split, scenario, seed, steps, sampler)
-  window = tuple(config.eval.fid_window) if "eval" in config else tuple(config.data.hu_window)
-  exporter = export.Exporter(output_dir, meta, num_samples, formats=formats, tfds=tfds,
-                             volumes=volumes, display_window=window,
-                             provenance={k: v for k, v in run.items() if k != "skipped"})
+  planner, meta, split = make_planner(config, spec, progress=progress)
+  inpainter = _inpainter(config, checkpoint, spec)
+  run = _run_info(config, inpainter, planner, meta, split)
+  exporter = export.Exporter(
+      output_dir, meta, spec.num_samples, formats=spec.formats, tfds=spec.tfds,
+      volumes=spec.volumes, display_window=display_window(config),
+      provenance={k: v for k, v in run.items() if k != "skipped"})
   t_gen = time.time()
-  for part in iter_samples(config, inpainter, planner, num_samples, seed=seed,
-                           progress=progress):
+  for part in iter_samples(config, inpainter, planner, spec.num_samples, progress=progress):
     exporter.add(part)
   gen_seconds = time.time() - t_gen
   written = exporter.finish()
   run["skipped"] = dict(planner.skipped)
-  return {**run, **written, "num_samples": num_samples, "dataset": meta.get("dataset"),
+  return {**run, **written, "num_samples": spec.num_samples, "dataset": meta.get("dataset"),
           "skipped_count": len(run["skipped"]), "seconds": round(time.time() - t0, 2),
-          "slices_per_s": round(num_samples / max(gen_seconds, 1e-9), 3)}
+          "slices_per_s": round(spec.num_samples / max(gen_seconds, 1e-9), 3)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

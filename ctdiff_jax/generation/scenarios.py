@@ -24,6 +24,12 @@ np.random.default_rng((seed, i)). Slices whose mask is empty (no organ; no host 
 tumour that fits) are skipped and counted in `Planner.skipped`; if no slice is usable the
 planner raises a ScenarioError that says why.
 
+Each scenario is a small class (`SCENARIOS`: name -> class) that knows its mask of a record,
+which slices it can use and how to make a job of one; `Planner` scans the split and cycles
+over the usable slices for any of them. Both read their options from a frozen
+`ScenarioSpec` (scenario, seed, labels, margin_mm, mask_file, offset, blend_px; checked when
+built), which runner.GenerateSpec extends with the model and export options.
+
 Mask files (`load_mask_file`): .npy or .png hold the mask in the record layout (H, W), row 0
 anterior, column 0 the patient's right, like the dataset's slices; a .nii/.nii.gz mask is read
 in the exporter's RAS+ layout (see ctdiff_jax/generation/export.py), so an exported `*_mask.nii.gz` can be
@@ -40,11 +46,10 @@ import numpy as np
 from scipy import ndimage
 from tqdm import auto as tqdm
 
-from ctdiff_jax.ingest import records
 from ctdiff_jax.data import masks
 from ctdiff_jax.data import transforms
+from ctdiff_jax.ingest import records
 
-SCENARIOS = ("organ", "context", "tumor")
 # Tumour donors tried per host slice before that slice counts as "nothing fits".
 MAX_TUMOR_TRIES = 20
 # The tumour scenario's default rim (pixels) regenerated around the placed tumour.
@@ -79,23 +84,6 @@ class Job:
   @property
   def slice_index(self) -> int:
     return int(self.record[records.SLICE_INDEX])
-
-
-@dataclasses.dataclass(frozen=True)
-class _Donor:
-  """One connected tumour component of a donor slice (cropped stamp + its top-left)."""
-
-  source_index: int
-  case_id: str
-  slice_index: int
-  stamp: np.ndarray
-  r0: int
-  c0: int
-
-  def full(self, shape) -> np.ndarray:
-    out = np.zeros(shape, bool)
-    out[self.r0:self.r0 + self.stamp.shape[0], self.c0:self.c0 + self.stamp.shape[1]] = self.stamp
-    return out
 
 
 def load_mask_file(path: str, shape: tuple[int, int]) -> np.ndarray:
@@ -151,191 +139,242 @@ def parse_offset(value: str | Sequence[int] | None) -> tuple[int, int] | None:
   return dy, dx
 
 
-class Planner:
-  """Turns a split into a stream of Jobs for one scenario (see the module docstring).
+def check_at_least(spec: Any, rules: Sequence[tuple[str, int]]) -> None:
+  """Raises a ValueError when a field of `spec` named in `rules` is set and below its least."""
+  for name, least in rules:
+    value = getattr(spec, name)
+    if value is not None and value < least:
+      raise ValueError(f"{name} must be >= {least}, got {value}")
 
-  Args:
-    source: random-access records of the split (datasets.open_split).
-    meta: the dataset metadata (organs, lesion_label_id, image_size, ...).
-    data_config: the run's config.data (mask labels, dilation, bbox margin, spacing).
-    scenario: 'organ', 'context' or 'tumor'.
-    seed: job i uses np.random.default_rng((seed, i)).
-    label_ids: organ ids of the mask (organ/context) or of the host organ (tumor).
-    margin_mm: context margin (default data_config.bbox_margin_mm).
-    mask: context only: one fixed (H, W) mask for every slice (see load_mask_file).
-    offset: tumor only: (dy, dx) moving the donor tumour's pixels onto slice A.
-    blend_px: tumor only: rim regenerated around the placed tumour.
-    max_tumor_tries: tumor only: donor tumours tried per host slice.
-    split: the split's name (for messages).
+
+@dataclasses.dataclass(frozen=True)
+class ScenarioSpec:
+  """What a Planner plans: the scenario and its options, checked when built.
+
+  runner.GenerateSpec extends it with the model and export options. `labels` becomes a tuple
+  (None: the config's mask labels), `offset` ('dy,dx' or a pair) a pair.
   """
 
-  def __init__(self, source, meta: Mapping[str, Any], data_config: Any, scenario: str, *,
-               seed: int = 0, label_ids: Sequence[int] | None = None,
-               margin_mm: float | None = None, mask: np.ndarray | None = None,
-               offset: tuple[int, int] | None = None, blend_px: int = BLEND_PX,
-               max_tumor_tries: int = MAX_TUMOR_TRIES, split: str | None = None,
-               progress: bool = True):
-    if scenario not in SCENARIOS:
-      raise ScenarioError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
-    self.source, self.meta, self.scenario = source, dict(meta), scenario
-    self.seed = int(seed)
+  scenario: str = "organ"
+  seed: int = 0
+  labels: tuple[int, ...] | None = None  # mask organs (organ/context), host organs (tumor)
+  margin_mm: float | None = None  # context: bbox margin (None: config.data.bbox_margin_mm)
+  mask_file: str | None = None  # context: one fixed mask (load_mask_file)
+  offset: tuple[int, int] | None = None  # tumor: (dy, dx) of the donor tumour
+  blend_px: int = BLEND_PX  # tumor: rim regenerated around the placed tumour
+
+  def __post_init__(self):
+    normal = {"labels": tuple(int(i) for i in self.labels) if self.labels else None,
+              "offset": parse_offset(self.offset), "mask_file": self.mask_file or None}
+    for name, value in normal.items():
+      object.__setattr__(self, name, value)
+    if self.scenario not in SCENARIOS:
+      raise ScenarioError(f"unknown scenario {self.scenario!r}; expected one of "
+                          f"{tuple(SCENARIOS)}")
+    for name, only in (("mask_file", "context"), ("offset", "tumor")):
+      if getattr(self, name) is not None and self.scenario != only:
+        raise ScenarioError(f"--{name} is only used by --scenario={only}, not "
+                            f"{self.scenario!r}")
+    check_at_least(self, (("seed", 0), ("blend_px", 0), ("margin_mm", 0)))
+
+
+class NothingFits(Exception):
+  """A scenario cannot use this slice after all (the message says why); the planner drops it."""
+
+
+def label_map(record) -> np.ndarray:
+  """The (H, W) label map of a record."""
+  lab = np.asarray(record[records.LABELS])
+  return lab[..., 0] if lab.ndim == 3 else lab
+
+
+def slice_key(record) -> str:
+  """'case/slice' of a record (the key of `Planner.skipped`)."""
+  return f"{text(record[records.CASE_ID])}/{int(record[records.SLICE_INDEX])}"
+
+
+class Scenario:
+  """Base of the scenarios: the mask of a record and the job of a usable slice.
+
+  Args:
+    meta: the dataset metadata (organs, lesion_label_id, image_size, ...).
+    data_config: the run's config.data (mask labels, dilation, bbox margin, spacing).
+    spec: the run's ScenarioSpec (labels and the scenario's own options).
+    where: the split and dataset, for messages.
+  """
+
+  name = ""
+  region_name = "organ"  # what a slice with an empty mask lacks (skip reasons)
+
+  def __init__(self, meta: Mapping[str, Any], data_config: Any, spec: ScenarioSpec,
+               where: str):
+    self.spec, self.where = spec, where
     self.dataset = meta.get("dataset", meta.get("config", "?"))
-    self.where = f"split {split!r} of {self.dataset}" if split else self.dataset
     self.ecfg = transforms.ExampleConfig.from_data_config(data_config)
     self.organs = list(meta.get("organs", []))
-    self.lesion_id = meta.get("lesion_label_id")
-    self.margin_mm = float(self.ecfg.bbox_margin_mm if margin_mm is None else margin_mm)
-    if self.margin_mm < 0:
-      raise ScenarioError(f"margin_mm must be >= 0, got {self.margin_mm}")
-    self.fixed_mask = mask
-    self.offset = offset
-    self.blend_px = int(blend_px)
-    self.max_tumor_tries = int(max_tumor_tries)
-    self.progress = progress
-    self.skipped: dict[str, str] = {}  # 'case/slice' -> reason
-    if mask is not None and scenario != "context":
-      raise ScenarioError(f"a mask file is only used by --scenario=context, not {scenario!r}")
-    if offset is not None and scenario != "tumor":
-      raise ScenarioError(f"an offset is only used by --scenario=tumor, not {scenario!r}")
-    if self.blend_px < 0:
-      raise ScenarioError(f"blend_px must be >= 0, got {blend_px}")
+    self.image_size = int(meta.get("image_size", 0))
     valid_ids = list(range(1, len(self.organs) + 1))
-    ids = tuple(int(i) for i in (label_ids if label_ids else self.ecfg.mask_labels))
+    ids = tuple(int(i) for i in (spec.labels if spec.labels else self.ecfg.mask_labels))
     bad = [i for i in ids if i not in valid_ids]
     if bad:
       raise ScenarioError(f"label ids {bad} are not organs of {self.dataset} (ids: "
                           f"{dict(zip(valid_ids, self.organs))})")
-    if scenario == "tumor":
-      if self.lesion_id is None:
-        raise ScenarioError(
-            f"scenario 'tumor' needs a dataset with a lesion label, but {self.dataset} "
-            f"(organs {self.organs}) has none: use a tumour dataset config such as "
-            f"configs/kidney_tumor.py (kidney=1, kidney_tumor=2)")
-      self.lesion_id = int(self.lesion_id)
-      if self.lesion_id in ids:
-        raise ScenarioError(f"host label ids {list(ids)} must not include the lesion id "
-                            f"{self.lesion_id}")
-      ids = ids or tuple(i for i in valid_ids if i != self.lesion_id)
     self.label_ids = ids
-    self._scan()
 
-  # ---------------------------------------------------------------------------- scanning
-
-  def _key(self, record) -> str:
-    return f"{text(record[records.CASE_ID])}/{int(record[records.SLICE_INDEX])}"
-
-  def _spacing(self, record) -> tuple[float, float]:
+  def spacing(self, record) -> tuple[float, float]:
     return transforms.pixel_spacing(record, self.ecfg.spacing_mm)
 
-  def _labels(self, record) -> np.ndarray:
-    lab = np.asarray(record[records.LABELS])
-    return lab[..., 0] if lab.ndim == 3 else lab
+  def region(self, record) -> np.ndarray:
+    """The scenario's mask of one record (bool (H, W); may be empty)."""
+    raise NotImplementedError
+
+  def usable(self, record) -> bool:
+    return self.region(record).sum() >= masks.MIN_ORGAN_PIXELS
+
+  def skip_reason(self) -> str:
+    return f"no {self.region_name} {list(self.label_ids) or 'any'}: empty mask"
+
+  def observe(self, index: int, record) -> None:
+    """Sees every slice of the split while the planner scans it (default: nothing to keep)."""
+
+  def check_scan(self, num_slices: int) -> None:
+    """Raises a ScenarioError when the scan found nothing the scenario needs."""
+
+  def make_job(self, i: int, src: int, record, rng: np.random.Generator) -> Job:
+    """Job i on record `src`; raises NothingFits to drop the slice. Default: labels kept."""
+    del rng
+    return Job(i, src, record, self.region(record), label_map(record).astype(np.uint8), 0, {})
+
+  def nothing_fits(self, skipped: Mapping[str, str]) -> str:
+    """The error once every usable slice was dropped."""
+    tried = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5])
+    return (f"no slice of {self.where} can be used for the {self.name} scenario. Slices "
+            f"tried: {tried}{' ...' if len(skipped) > 5 else ''}")
+
+
+class OrganScenario(Scenario):
+  """The organ union (of `labels`), grown by config.data.dilation_mm."""
+
+  name = "organ"
 
   def region(self, record) -> np.ndarray:
-    """The organ/context mask of one record (bool (H, W); may be empty)."""
-    labels = self._labels(record)
-    if self.scenario == "context":
-      if self.fixed_mask is not None:
-        if self.fixed_mask.shape != labels.shape:
-          raise ScenarioError(f"mask shape {self.fixed_mask.shape} != slice shape "
-                              f"{labels.shape} ({self._key(record)})")
-        return self.fixed_mask.copy()
-      return masks.bbox_mask(labels, self.label_ids, self.margin_mm, self._spacing(record))
-    if self.scenario == "organ":
-      return masks.organ_mask(labels, self.label_ids, self.ecfg.dilation_mm,
-                              self._spacing(record))
-    return masks.organ_union(labels, self.label_ids)  # tumor: the host organ
+    return masks.organ_mask(label_map(record), self.label_ids, self.ecfg.dilation_mm,
+                            self.spacing(record))
 
-  def _scan(self) -> None:
-    """Finds the usable slices (and, for tumours, the donor tumours) of the split."""
-    n = len(self.source)
-    if n == 0:
-      raise ScenarioError(f"{self.where} has no slices")
-    usable, donors = [], []
-    bar = tqdm.tqdm(range(n), desc=f"scanning slices ({self.scenario})", unit="slice",
-                    disable=not self.progress)
-    for i in bar:
-      rec = self.source[i]
-      key = (text(rec[records.CASE_ID]), int(rec[records.SLICE_INDEX]), i)
-      if self.fixed_mask is not None:
-        usable.append(key)
-        continue
-      if self.region(rec).sum() >= masks.MIN_ORGAN_PIXELS:
-        usable.append(key)
-      else:
-        what = "host organ" if self.scenario == "tumor" else "organ"
-        self.skipped[self._key(rec)] = f"no {what} {list(self.label_ids) or 'any'}: empty mask"
-      if self.scenario == "tumor":
-        lesion = self._labels(rec) == self.lesion_id
-        if lesion.any():
-          comps, k = ndimage.label(lesion, structure=np.ones((3, 3), bool))
-          for c in range(1, k + 1):
-            rows, cols = np.nonzero(comps == c)
-            r0, c0 = int(rows.min()), int(cols.min())
-            stamp = (comps == c)[r0:rows.max() + 1, c0:cols.max() + 1]
-            donors.append(_Donor(i, key[0], key[1], stamp, r0, c0))
-    usable.sort()
-    self.usable = [(i, c, s) for c, s, i in usable]
-    self.donors = donors
-    if not self.usable:
+
+class ContextScenario(Scenario):
+  """The organs' bounding box plus `margin_mm`, or one fixed mask file for every slice."""
+
+  name = "context"
+
+  def __init__(self, meta, data_config, spec, where):
+    super().__init__(meta, data_config, spec, where)
+    self.margin_mm = float(self.ecfg.bbox_margin_mm if spec.margin_mm is None
+                           else spec.margin_mm)
+    self.fixed_mask = (load_mask_file(spec.mask_file, (self.image_size,) * 2)
+                       if spec.mask_file else None)
+
+  def region(self, record) -> np.ndarray:
+    if self.fixed_mask is not None:
+      return self.fixed_mask.copy()
+    return masks.bbox_mask(label_map(record), self.label_ids, self.margin_mm,
+                           self.spacing(record))
+
+  def usable(self, record) -> bool:
+    return self.fixed_mask is not None or super().usable(record)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Donor:
+  """One connected tumour component of a donor slice (cropped stamp + its top-left)."""
+
+  source_index: int
+  case_id: str
+  slice_index: int
+  stamp: np.ndarray
+  r0: int
+  c0: int
+
+  def full(self, shape) -> np.ndarray:
+    out = np.zeros(shape, bool)
+    out[self.r0:self.r0 + self.stamp.shape[0], self.c0:self.c0 + self.stamp.shape[1]] = self.stamp
+    return out
+
+
+def _components(record, source_index: int, lesion_id: int) -> list[_Donor]:
+  """The connected lesion components of one record (8-connected), as donors."""
+  lesion = label_map(record) == lesion_id
+  if not lesion.any():
+    return []
+  comps, k = ndimage.label(lesion, structure=np.ones((3, 3), bool))
+  case_id, slice_index = text(record[records.CASE_ID]), int(record[records.SLICE_INDEX])
+  out = []
+  for c in range(1, k + 1):
+    rows, cols = np.nonzero(comps == c)
+    r0, c0 = int(rows.min()), int(cols.min())
+    stamp = (comps == c)[r0:rows.max() + 1, c0:cols.max() + 1]
+    out.append(_Donor(source_index, case_id, slice_index, stamp, r0, c0))
+  return out
+
+
+class TumorScenario(Scenario):
+  """A donor tumour placed inside the host organ and regenerated with a `blend_px` rim."""
+
+  name = "tumor"
+  region_name = "host organ"
+  max_tries = MAX_TUMOR_TRIES
+
+  def __init__(self, meta, data_config, spec, where):
+    super().__init__(meta, data_config, spec, where)
+    if meta.get("lesion_label_id") is None:
       raise ScenarioError(
-          f"no usable slice in {self.where}: all {n} slices have an empty "
-          f"{self.scenario} mask (labels {list(self.label_ids) or 'any organ'}); try another "
-          f"split or --labels")
-    if self.scenario == "tumor" and not donors:
+          f"scenario 'tumor' needs a dataset with a lesion label, but {self.dataset} "
+          f"(organs {self.organs}) has none: use a tumour dataset config such as "
+          f"configs/kidney_tumor.py (kidney=1, kidney_tumor=2)")
+    self.lesion_id = int(meta["lesion_label_id"])
+    if self.lesion_id in self.label_ids:
+      raise ScenarioError(f"host label ids {list(self.label_ids)} must not include the lesion "
+                          f"id {self.lesion_id}")
+    self.label_ids = self.label_ids or tuple(
+        i for i in range(1, len(self.organs) + 1) if i != self.lesion_id)
+    self.offset, self.blend_px = spec.offset, int(spec.blend_px)
+    self.donors: list[_Donor] = []
+
+  def region(self, record) -> np.ndarray:
+    return masks.organ_union(label_map(record), self.label_ids)  # the host organ
+
+  def observe(self, index: int, record) -> None:
+    self.donors.extend(_components(record, index, self.lesion_id))
+
+  def check_scan(self, num_slices: int) -> None:
+    if not self.donors:
       raise ScenarioError(
           f"no tumour (label {self.lesion_id}, {self.organs[self.lesion_id - 1]}) in any of the "
-          f"{n} slices of {self.where}: nothing to take a tumour mask from; use "
+          f"{num_slices} slices of {self.where}: nothing to take a tumour mask from; use "
           f"a split with tumours (e.g. --split=train)")
 
-  # ---------------------------------------------------------------------------- jobs
-
-  def jobs(self, num_samples: int) -> Iterator[Job]:
-    """`num_samples` jobs, cycling over the usable slices (see the module docstring)."""
-    if num_samples < 1:
-      raise ScenarioError(f"num_samples must be >= 1, got {num_samples}")
-    uses: dict[int, int] = {}
-    cursor = 0
-    for i in range(num_samples):
-      rng = np.random.default_rng((self.seed, i))
-      while True:
-        if not self.usable:
-          raise ScenarioError(self._nothing_fits_message())
-        src, case_id, slice_index = self.usable[cursor % len(self.usable)]
-        record = self.source[src]
-        job = self._make_job(i, src, record, rng)
-        if job is not None:
-          cursor += 1
-          break
-        # Nothing fits this slice: drop it for the rest of the run (counted in skipped).
-        self.usable.pop(cursor % len(self.usable))
-      job.round = uses.get(src, 0)
-      uses[src] = job.round + 1
-      yield job
-
-  def _make_job(self, i: int, src: int, record, rng: np.random.Generator) -> Job | None:
-    labels = self._labels(record).astype(np.uint8)
-    region = self.region(record)
-    if self.scenario != "tumor":
-      return Job(i, src, record, region, labels.copy(), 0, {})
-    placed, info = self._place_tumour(src, record, region, rng)
-    if placed is None:
-      self.skipped[self._key(record)] = info["reason"]
-      return None
-    mask = masks.dilate_mm(placed, float(self.blend_px), (1.0, 1.0)) & region
-    new = labels.copy()
-    new[placed] = self.lesion_id
+  def make_job(self, i: int, src: int, record, rng: np.random.Generator) -> Job:
+    labels = label_map(record).astype(np.uint8)
+    host = self.region(record)
+    placed, info = self._place(src, record, host, rng)
+    # The rim blends the tumour into the tissue; clipped to the host organ, so it never
+    # touches A's own lesion or anything outside the organ.
+    mask = masks.dilate_mm(placed, float(self.blend_px), (1.0, 1.0)) & host
+    labels[placed] = self.lesion_id
     info["lesion_pixels"] = int(placed.sum())
-    return Job(i, src, record, mask, new, 0, info)
+    return Job(i, src, record, mask, labels, 0, info)
 
-  def _place_tumour(self, src: int, record, host: np.ndarray, rng: np.random.Generator):
+  def _donor_order(self, src: int, record, rng: np.random.Generator) -> list[_Donor]:
     case_id = text(record[records.CASE_ID])
     others = [d for d in self.donors if d.case_id != case_id]
     same = [d for d in self.donors if d.case_id == case_id and d.source_index != src]
     # Prefer tumours of other cases; the same case (other slices) only as a fallback.
     order = [others[j] for j in rng.permutation(len(others))]
     order += [same[j] for j in rng.permutation(len(same))]
-    order = order[: self.max_tumor_tries]
+    return order[: self.max_tries]
+
+  def _place(self, src: int, record, host: np.ndarray, rng: np.random.Generator):
+    order = self._donor_order(src, record, rng)
     for d in order:
       tumour = d.full(host.shape)
       if self.offset is not None:
@@ -352,13 +391,100 @@ class Planner:
         placed = masks.shift_mask(tumour, off, host.shape)
       return placed, {"donor_case": d.case_id, "donor_slice": d.slice_index,
                       "offset": (int(off[0]), int(off[1]))}
-    where = f" at offset {self.offset}" if self.offset is not None else ""
-    return None, {"reason": f"none of {len(order)} tumour masks tried fits inside the host "
-                            f"organ ({int(host.sum())} px){where}"}
+    raise NothingFits(f"none of {len(order)} tumour masks tried fits inside the host organ "
+                      f"({int(host.sum())} px){self._at()}")
 
-  def _nothing_fits_message(self) -> str:
-    tried = "; ".join(f"{k}: {v}" for k, v in list(self.skipped.items())[:5])
-    where = f" at offset {self.offset}" if self.offset is not None else ""
+  def _at(self) -> str:
+    return f" at offset {self.offset}" if self.offset is not None else ""
+
+  def nothing_fits(self, skipped: Mapping[str, str]) -> str:
+    tried = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5])
     return (f"no tumour mask fits inside the host organ (labels {list(self.label_ids)}) of any "
-            f"slice of {self.where}{where}. Slices tried: {tried}"
-            f"{' ...' if len(self.skipped) > 5 else ''}")
+            f"slice of {self.where}{self._at()}. Slices tried: {tried}"
+            f"{' ...' if len(skipped) > 5 else ''}")
+
+
+# The scenarios by name (the generate CLI's --scenario).
+SCENARIOS: dict[str, type[Scenario]] = {
+    "organ": OrganScenario, "context": ContextScenario, "tumor": TumorScenario}
+
+
+class Planner:
+  """Turns a split into a stream of Jobs for one scenario (see the module docstring).
+
+  Args:
+    source: random-access records of the split (datasets.open_split).
+    meta: the dataset metadata (organs, lesion_label_id, image_size, ...).
+    data_config: the run's config.data (mask labels, dilation, bbox margin, spacing).
+    spec: a ScenarioSpec (or a runner.GenerateSpec): scenario, seed and its options.
+    split: the split's name (for messages).
+  """
+
+  def __init__(self, source, meta: Mapping[str, Any], data_config: Any, spec: ScenarioSpec,
+               *, split: str | None = None, progress: bool = True):
+    self.source, self.meta, self.spec = source, dict(meta), spec
+    dataset = meta.get("dataset", meta.get("config", "?"))
+    self.where = f"split {split!r} of {dataset}" if split else dataset
+    self.scenario = SCENARIOS[spec.scenario](meta, data_config, spec, self.where)
+    self.skipped: dict[str, str] = {}  # 'case/slice' -> reason
+    self._scan(progress)
+
+  @property
+  def label_ids(self) -> tuple[int, ...]:
+    return self.scenario.label_ids
+
+  @property
+  def ecfg(self) -> transforms.ExampleConfig:
+    return self.scenario.ecfg
+
+  def region(self, record) -> np.ndarray:
+    """The scenario's mask of one record (bool (H, W); may be empty)."""
+    return self.scenario.region(record)
+
+  def _scan(self, progress: bool) -> None:
+    """Finds the usable slices of the split (the scenario sees every slice)."""
+    n = len(self.source)
+    if n == 0:
+      raise ScenarioError(f"{self.where} has no slices")
+    usable = []
+    for i in tqdm.tqdm(range(n), desc=f"scanning slices ({self.scenario.name})", unit="slice",
+                       disable=not progress):
+      rec = self.source[i]
+      self.scenario.observe(i, rec)
+      if self.scenario.usable(rec):
+        usable.append((text(rec[records.CASE_ID]), int(rec[records.SLICE_INDEX]), i))
+      else:
+        self.skipped[slice_key(rec)] = self.scenario.skip_reason()
+    usable.sort()
+    self.usable = [(i, c, s) for c, s, i in usable]
+    if not self.usable:
+      raise ScenarioError(
+          f"no usable slice in {self.where}: all {n} slices have an empty "
+          f"{self.scenario.name} mask (labels {list(self.label_ids) or 'any organ'}); try "
+          f"another split or --labels")
+    self.scenario.check_scan(n)
+
+  def jobs(self, num_samples: int) -> Iterator[Job]:
+    """`num_samples` jobs, cycling over the usable slices (see the module docstring)."""
+    if num_samples < 1:
+      raise ScenarioError(f"num_samples must be >= 1, got {num_samples}")
+    uses: dict[int, int] = {}
+    cursor = 0
+    for i in range(num_samples):
+      rng = np.random.default_rng((self.spec.seed, i))
+      while True:
+        if not self.usable:
+          raise ScenarioError(self.scenario.nothing_fits(self.skipped))
+        src = self.usable[cursor % len(self.usable)][0]
+        record = self.source[src]
+        try:
+          job = self.scenario.make_job(i, src, record, rng)
+          cursor += 1
+          break
+        except NothingFits as e:
+          # Nothing fits this slice: drop it for the rest of the run (counted in skipped).
+          self.skipped[slice_key(record)] = str(e)
+          self.usable.pop(cursor % len(self.usable))
+      job.round = uses.get(src, 0)
+      uses[src] = job.round + 1
+      yield job

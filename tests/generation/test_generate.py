@@ -93,8 +93,8 @@ def organ_export(data, inpainter):
   n_test = naming.read_dataset_metadata(data["tfds"], "kidney_tumor_32px_12mm")[
       "splits"]["test"]
   out = data["root"] / "organ_export"
-  summary = runner.generate(config, inpainter, "organ", str(out), num_samples=n_test + 3,
-                              seed=0, tfds=True, volumes=True, progress=False)
+  spec = runner.GenerateSpec("organ", num_samples=n_test + 3, seed=0, tfds=True, volumes=True)
+  summary = runner.generate(config, inpainter, spec, str(out), progress=False)
   with open(out / "manifest.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   return {"summary": summary, "out": out, "rows": rows, "n_test": n_test, "config": config}
@@ -268,8 +268,9 @@ def test_tfds_export_loads_without_tensorflow(organ_export):
 
 def test_synthetic_neighbours_are_the_source_neighbours(data, inpainter):
   config = make_config(data["tfds"])
-  samples = runner.generate_samples(config, inpainter, "organ", num_samples=4, seed=1,
-                                      progress=False)
+  samples = runner.generate_samples(config, inpainter,
+                                    runner.GenerateSpec("organ", num_samples=4, seed=1),
+                                    progress=False)
   source = source_records(config, "test")
   for j in range(len(samples)):
     rec = source[int(samples.source_index[j])]
@@ -284,8 +285,9 @@ def test_synthetic_neighbours_are_the_source_neighbours(data, inpainter):
 def test_ddim_same_seed_same_slices_and_paste_back_numerics(data, inpainter):
   config = make_config(data["tfds"])
   assert config.sampling.sampler == "ddim" and config.sampling.eta == 0.0
-  run = lambda seed: runner.generate_samples(config, inpainter, "context", num_samples=10,
-                                               seed=seed, progress=False)
+  run = lambda seed: runner.generate_samples(
+      config, inpainter, runner.GenerateSpec("context", num_samples=10, seed=seed),
+      progress=False)
   a, b, c = run(5), run(5), run(6)
   np.testing.assert_array_equal(a.generated, b.generated)
   np.testing.assert_array_equal(a.generated_hu, b.generated_hu)
@@ -313,8 +315,8 @@ def test_ddim_same_seed_same_slices_and_paste_back_numerics(data, inpainter):
 def test_tumor_is_placed_inside_host_organ_and_labelled(tmp_path, data, inpainter):
   config = make_config(data["tfds"])
   out = tmp_path / "tumor"
-  summary = runner.generate(config, inpainter, "tumor", str(out), num_samples=8, seed=3,
-                              split="train", formats=("nifti",), progress=False)
+  spec = runner.GenerateSpec("tumor", num_samples=8, seed=3, split="train", formats=("nifti",))
+  summary = runner.generate(config, inpainter, spec, str(out), progress=False)
   assert summary["num_samples"] == 8 and "figure" in summary
   with open(out / "manifest.csv", newline="") as f:
     rows = list(csv.DictReader(f))
@@ -348,16 +350,17 @@ def test_tumor_is_placed_inside_host_organ_and_labelled(tmp_path, data, inpainte
 
 def test_tumor_offset_given_and_nothing_fits(data):
   config = make_config(data["tfds"])
-  planner, _, _ = runner.make_planner(config, "tumor", split="train", seed=0, progress=False)
+  planner, _, _ = runner.make_planner(config, runner.GenerateSpec("tumor", split="train"),
+                                      progress=False)
   job = next(planner.jobs(1))
   dy, dx = job.info["offset"]
-  given, _, _ = runner.make_planner(config, "tumor", split="train", seed=0,
-                                      offset=f"{dy},{dx}", progress=False)
+  given, _, _ = runner.make_planner(
+      config, runner.GenerateSpec("tumor", split="train", offset=f"{dy},{dx}"), progress=False)
   job2 = next(given.jobs(1))
   assert job2.info["offset"] == (dy, dx)
   np.testing.assert_array_equal(job2.labels == LESION, job.labels == LESION)
-  far, _, _ = runner.make_planner(config, "tumor", split="train", offset="200,200",
-                                    progress=False)
+  far, _, _ = runner.make_planner(
+      config, runner.GenerateSpec("tumor", split="train", offset="200,200"), progress=False)
   with pytest.raises(scenarios.ScenarioError, match=r"no tumour mask fits .*offset \(200, 200\)"
                      r".*phantom_\d+/\d+"):
     next(far.jobs(1))
@@ -372,8 +375,9 @@ def test_context_mask_file(tmp_path, data, inpainter):
   user[10:20, 5:12] = True
   path = tmp_path / "mask.npy"
   np.save(path, user.astype(np.uint8))
-  samples = runner.generate_samples(config, inpainter, "context", num_samples=3,
-                                      mask_file=str(path), progress=False)
+  samples = runner.generate_samples(
+      config, inpainter, runner.GenerateSpec("context", num_samples=3, mask_file=str(path)),
+      progress=False)
   for j in range(3):
     np.testing.assert_array_equal(samples.mask[j, ..., 0], user)
     np.testing.assert_array_equal(samples.generated_hu[j][~user], samples.image_hu[j][~user])
@@ -392,39 +396,38 @@ def test_context_mask_file(tmp_path, data, inpainter):
 def test_bad_inputs_give_clear_errors(tmp_path, data, workdir):
   config = make_config(data["tfds"])
   out = str(tmp_path / "out")
+
+  def gen(checkpoint, scenario="organ", run_config=config, **kw):
+    spec = runner.GenerateSpec(scenario, num_samples=1, **kw)
+    return runner.generate(run_config, checkpoint, spec, out, progress=False)
+
   with pytest.raises(runner.CheckpointError, match=r"checkpoint .*nowhere.*does not exist"):
-    runner.generate(config, str(tmp_path / "nowhere"), "organ", out, num_samples=1,
-                      progress=False)
+    gen(str(tmp_path / "nowhere"))
   (tmp_path / "empty_workdir").mkdir()
   with pytest.raises(runner.CheckpointError, match="empty_workdir"):
-    runner.generate(config, str(tmp_path / "empty_workdir"), "organ", out, num_samples=1,
-                      progress=False)
-  plain = make_config(data["tfds"], kidneys)
+    gen(str(tmp_path / "empty_workdir"))
   with pytest.raises(scenarios.ScenarioError, match=r"needs a dataset with a lesion.*kidneys"):
-    runner.generate(plain, str(workdir), "tumor", out, num_samples=1, progress=False)
+    gen(str(workdir), "tumor", run_config=make_config(data["tfds"], kidneys))
   np.save(tmp_path / "empty.npy", np.zeros((SIZE, SIZE), np.uint8))
   with pytest.raises(scenarios.ScenarioError, match=r"empty\.npy is empty"):
-    runner.generate(config, str(workdir), "context", out, num_samples=1,
-                      mask_file=str(tmp_path / "empty.npy"), progress=False)
+    gen(str(workdir), "context", mask_file=str(tmp_path / "empty.npy"))
   np.save(tmp_path / "small.npy", np.ones((8, 8), np.uint8))
   with pytest.raises(scenarios.ScenarioError, match=r"small\.npy has shape \(8, 8\)"):
-    runner.generate(config, str(workdir), "context", out, num_samples=1,
-                      mask_file=str(tmp_path / "small.npy"), progress=False)
+    gen(str(workdir), "context", mask_file=str(tmp_path / "small.npy"))
   with pytest.raises(scenarios.ScenarioError, match="only used by --scenario=context"):
-    runner.generate(config, str(workdir), "organ", out, num_samples=1,
-                      mask_file=str(tmp_path / "small.npy"), progress=False)
+    gen(str(workdir), "organ", mask_file=str(tmp_path / "small.npy"))
   with pytest.raises(scenarios.ScenarioError, match=r"label ids \[7\] are not organs"):
-    runner.generate(config, str(workdir), "organ", out, num_samples=1, labels=[7],
-                      progress=False)
+    gen(str(workdir), "organ", labels=[7])
   with pytest.raises(scenarios.ScenarioError, match="unknown scenario"):
-    runner.generate(config, str(workdir), "lungs", out, num_samples=1, progress=False)
+    gen(str(workdir), "lungs")
   assert not os.path.exists(os.path.join(out, "manifest.csv"))
 
 
 def test_planner_skips_slices_with_an_empty_mask(data):
   """A host-organ subset absent from every slice: nothing usable -> a clear error."""
   config = make_config(data["tfds"])
-  planner, _, _ = runner.make_planner(config, "organ", labels=[LESION], progress=False)
+  planner, _, _ = runner.make_planner(config, runner.GenerateSpec("organ", labels=[LESION]),
+                                      progress=False)
   # Test-split slices without tumour are skipped and counted.
   assert planner.skipped and all("empty mask" in v for v in planner.skipped.values())
   assert len(planner.usable) + len(planner.skipped) == len(planner.source)
@@ -433,7 +436,7 @@ def test_planner_skips_slices_with_an_empty_mask(data):
                              for i in range(3)])
   meta = naming.read_dataset_metadata(data["tfds"], "kidney_tumor_32px_12mm")
   with pytest.raises(scenarios.ScenarioError, match="no usable slice.*all 3 slices"):
-    scenarios.Planner(src, meta, config.data, "organ", progress=False)
+    scenarios.Planner(src, meta, config.data, scenarios.ScenarioSpec("organ"), progress=False)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -1,0 +1,101 @@
+"""Writes generated slices as a synthetic dataset: NIfTI, PNG, manifest, Figure 4, volumes, TFDS.
+
+Layout of an export (`output_dir`):
+
+  <i>_<case>_<slice>_ct.nii.gz    generated slice, HU int16 (outside the mask: the source HU)
+  <i>_<case>_<slice>_seg.nii.gz   its label map, uint8 (the dataset's ids; tumour scenario:
+                                  the placed tumour carries the lesion id)
+  <i>_<case>_<slice>_mask.nii.gz  the regenerated region, uint8 0/1
+  <i>_<case>_<slice>.png          preview of the generated slice (display window)
+  volumes/<case>_r<k>_{ct,seg,mask}.nii.gz   (volumes=True) per-case stacks: k-th use of
+                                  the case's slices; z gaps between them are filled with
+                                  -1024 HU / label 0 / mask 0
+  tfds/ct_slices/<config>/1.0.0/  (tfds=True) the same records as the source dataset
+                                  (records.tfds_features), array_record, split = source split
+  manifest.csv                    one row per slice (MANIFEST_COLUMNS)
+  figure4.png                     ground truth | masked input | generated, first rows
+
+One exporter per output (base.Exporter: `add(samples)` per chunk, `finish() -> dict`):
+nifti.py (orientation: see there), png.py (previews, Figure 4), manifest.py, volumes.py,
+tfds.py (how to read the export like real data: see there). `Exporter` fans each chunk out to
+the ones a run asks for. Volumes and TFDS stream through on-disk spools (`.spool/`, numpy
+memmaps, deleted at the end), so endless exports do not have to fit in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+from ctdiff_jax.generation.export import base
+from ctdiff_jax.generation.export import manifest
+from ctdiff_jax.generation.export import nifti
+from ctdiff_jax.generation.export import png
+from ctdiff_jax.generation.export import tfds
+from ctdiff_jax.generation.export import volumes
+
+# The public names of the submodules, for callers of `export.<name>`.
+from ctdiff_jax.generation.export.base import safe_name, stem, Target  # pylint: disable=g-importing-member
+from ctdiff_jax.generation.export.manifest import MANIFEST_COLUMNS  # pylint: disable=g-importing-member
+from ctdiff_jax.generation.export.nifti import from_ras, save_nifti, slice_affine, to_ras  # pylint: disable=g-importing-member
+from ctdiff_jax.generation.export.png import (  # pylint: disable=g-importing-member
+    FIGURE_COLUMNS, FIGURE_ROWS, FIGURE_TILE_PX, display_unit, figure4)
+from ctdiff_jax.generation.export.tfds import TFDS_VERSION, write_tfds  # pylint: disable=g-importing-member
+from ctdiff_jax.generation.export.volumes import PAD_HU  # pylint: disable=g-importing-member
+
+# Per-slice file formats (--formats), in the order their files are written.
+SLICE_EXPORTERS: dict[str, type[base.Exporter]] = {
+    "nifti": nifti.NiftiExporter, "png": png.PngExporter}
+FORMATS = tuple(SLICE_EXPORTERS)
+# Whole-export outputs switched on by the flag of the same name (--volumes, --tfds).
+OPTIONAL_EXPORTERS: dict[str, type[base.Exporter]] = {
+    "volumes": volumes.VolumeExporter, "tfds": tfds.TfdsExporter}
+
+
+class Exporter:
+  """Fans generated chunks out to the exporters of one export; `finish()` merges what they wrote.
+
+  Args:
+    output_dir: where everything goes (created).
+    meta: the source dataset's metadata (read_dataset_metadata).
+    num_samples: slices that will be added (sizes the spools).
+    formats: subset of FORMATS for the per-slice files.
+    tfds / volumes: also write the TFDS dataset / per-case volumes.
+    display_window: HU window of the PNGs and the figure.
+    provenance: scenario, source_split, seed, checkpoint, checkpoint_step, ... (manifest,
+      TFDS metadata).
+  """
+
+  def __init__(self, output_dir: str, meta: Mapping[str, Any], num_samples: int, *,
+               formats: Sequence[str] = FORMATS, tfds: bool = False, volumes: bool = False,
+               display_window=(-160.0, 240.0), provenance: Mapping[str, Any] | None = None):
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+      raise ValueError(f"unknown export format(s) {unknown}; expected some of {FORMATS}")
+    self.target = base.Target(os.path.abspath(output_dir), dict(meta), int(num_samples),
+                              tuple(float(v) for v in display_window), dict(provenance or {}))
+    os.makedirs(self.target.output_dir, exist_ok=True)
+    per_slice = [cls(self.target) for name, cls in SLICE_EXPORTERS.items() if name in formats]
+    files = {column: suffix for e in per_slice for column, suffix in e.files.items()}
+    self.parts: list[base.Exporter] = [
+        *per_slice, manifest.ManifestExporter(self.target, files),
+        png.FigureExporter(self.target)]
+    wanted = {"volumes": volumes, "tfds": tfds}
+    self.parts += [cls(self.target) for name, cls in OPTIONAL_EXPORTERS.items() if wanted[name]]
+
+  def add(self, samples) -> None:
+    """Hands one chunk (a runner.Samples) to every exporter."""
+    for part in self.parts:
+      part.add(samples)
+
+  def finish(self) -> dict[str, Any]:
+    """Finishes every exporter (manifest, figure, volumes, TFDS); returns what went where."""
+    out: dict[str, Any] = {"output_dir": self.target.output_dir,
+                           "slice_files": sum(p.slice_files for p in self.parts)}
+    try:
+      for part in self.parts:
+        out.update(part.finish())
+    finally:
+      for part in self.parts:
+        part.close()
+    return out
