@@ -10,6 +10,7 @@ mechanics (masks, paste-back, labels, files, orientation, determinism), not imag
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -20,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from configs import kidney_tumor, kidneys
 from ctdiff_jax.ingest import build as ingest_build
@@ -61,23 +63,34 @@ def data(tmp_path_factory) -> dict[str, pathlib.Path]:
   return {"raw": root / "raw", "tfds": root / "tfds", "root": root}
 
 
-@pytest.fixture(scope="module")
-def workdir(data) -> pathlib.Path:
-  """A valid checkpoint of the smoke model (random weights, see the module docstring)."""
-  config = make_config(data["tfds"])
+def write_random_checkpoints(wd, config, seeds_by_step) -> pathlib.Path:
+  """Random-weight train states (one numpy seed per step), saved by the trainer's module."""
   task = tasks.get_task(config, pipeline.cond_channels(config.data))
   abstract = jax.eval_shape(task.init_state, jax.random.key(0))
-  rng = np.random.default_rng(0)
-  state = jax.tree.map(
-      lambda s: (rng.normal(0.0, 0.05, s.shape).astype(s.dtype)
-                 if np.issubdtype(s.dtype, np.floating) else np.zeros(s.shape, s.dtype)),
-      abstract)
-  wd = data["root"] / "workdir"
   manager = checkpointing.create_manager(str(wd), async_save=False, with_data=False)
-  checkpointing.save(manager, 0, state, None)
+  for step, seed in seeds_by_step.items():
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(
+        lambda s: (rng.normal(0.0, 0.05, s.shape).astype(s.dtype)
+                   if np.issubdtype(s.dtype, np.floating) else np.zeros(s.shape, s.dtype)),
+        abstract)
+    checkpointing.save(manager, step, state, None)
   manager.wait_until_finished()
   manager.close()
   return wd
+
+
+@pytest.fixture(scope="module")
+def workdir(data) -> pathlib.Path:
+  """A valid checkpoint of the smoke model (random weights, see the module docstring)."""
+  return write_random_checkpoints(data["root"] / "workdir", make_config(data["tfds"]), {0: 0})
+
+
+@pytest.fixture(scope="module")
+def two_step_workdir(data) -> pathlib.Path:
+  """Steps 0 (the weights of `workdir`) and 7 (other weights; the latest)."""
+  return write_random_checkpoints(data["root"] / "workdir_two_steps",
+                                  make_config(data["tfds"]), {0: 0, 7: 1})
 
 
 @pytest.fixture(scope="module")
@@ -197,39 +210,121 @@ def test_nifti_world_coordinates_match_the_raw_phantom(organ_export, data):
   assert flipped < 0.9 * total, "the check must be able to tell a left-right flip"
 
 
+def windowed_u8(hu, window) -> np.ndarray:
+  """HU -> the uint8 grey of a PNG in the display window (computed here, not by export)."""
+  lo, hi = window
+  return np.rint(np.clip((np.asarray(hu, np.float64) - lo) / (hi - lo), 0, 1) * 255)
+
+
 def test_figure4_and_previews(organ_export):
-  out = organ_export["out"]
-  fig = np.asarray(Image.open(out / "figure4.png"))
-  tile = SIZE * -(-export.FIGURE_TILE_PX // SIZE)
-  rows = min(export.FIGURE_ROWS, len(organ_export["rows"]))
-  assert fig.shape == (16 + rows * (tile + 2) + 2, 3 * (tile + 2) + 2, 3)
-  # Red mask outlines on the masked-input column.
-  assert np.any((fig[..., 0] > 200) & (fig[..., 1] < 80))
-  png = np.asarray(Image.open(out / organ_export["rows"][0]["png_file"]))
-  assert png.shape == (SIZE, SIZE) and png.dtype == np.uint8 and png.max() > png.min()
+  out, rows, config = organ_export["out"], organ_export["rows"], organ_export["config"]
+  window = tuple(config.eval.fid_window)
+  fig = np.asarray(Image.open(out / "figure4.png")).astype(np.int32)
+  scale = -(-export.FIGURE_TILE_PX // SIZE)
+  tile, pad, header = SIZE * scale, 2, 16
+  n = min(export.FIGURE_ROWS, len(rows))
+  assert fig.shape == (header + n * (tile + pad) + pad, 3 * (tile + pad) + pad, 3)
+  source = source_records(config, "test")
+  up = lambda x: np.repeat(np.repeat(x, scale, axis=0), scale, axis=1)
+  # Pixels of the masked-input column inside the mask but off its red outline.
+  for i, r in enumerate(rows[:n]):
+    y = header + pad + i * (tile + pad)
+    col = lambda j: fig[y:y + tile, pad + j * (tile + pad):pad + j * (tile + pad) + tile]
+    real, gen = source[int(r["source_index"])][records.IMAGE][..., 0], load_slice(
+        out / r["ct_file"])[0]
+    m = up(load_slice(out / r["mask_file"])[0] > 0)
+    inner = ndimage.binary_erosion(m)
+    want_real, want_gen = up(windowed_u8(real, window)), up(windowed_u8(gen, window))
+    for j, want in ((0, want_real), (2, want_gen)):
+      assert np.all(col(j) == col(j)[..., :1]), "grey columns"
+      assert np.abs(col(j)[..., 0] - want).max() <= 1, (i, j)
+    masked = col(1)
+    assert np.abs(masked[~m][:, 0] - want_real[~m]).max() <= 1, i
+    assert np.all(np.abs(masked[inner] - 128) <= 1), "inside the mask: mid-grey"
+    edge = m & ~inner
+    assert np.all((masked[edge][:, 0] > 200) & (masked[edge][:, 1] < 80)), "red outline"
+    # The generated column is the model's slice, not the ground truth.
+    assert np.any(want_gen[m] != want_real[m]), i
+  png = np.asarray(Image.open(out / rows[0]["png_file"]))
+  assert png.shape == (SIZE, SIZE) and png.dtype == np.uint8
+  assert np.abs(png - windowed_u8(load_slice(out / rows[0]["ct_file"])[0], window)).max() <= 1
 
 
 def test_volumes_stack_each_case_and_round(organ_export):
-  out, rows = organ_export["out"], organ_export["rows"]
+  out, rows, config = organ_export["out"], organ_export["rows"], organ_export["config"]
+  source = source_records(config, "test")
   by_group: dict[tuple[str, str], list[dict]] = {}
   for r in rows:
     by_group.setdefault((r["source_case"], r["round"]), []).append(r)
   files = sorted(os.listdir(out / "volumes"))
   assert len(files) == 3 * len(by_group)
   for (case, rnd), group in by_group.items():
-    zs = sorted(int(r["slice_index"]) for r in group)
-    vol = nib.load(str(out / "volumes" / f"{case}_r{rnd}_ct.nii.gz"))
-    assert vol.shape == (SIZE, SIZE, zs[-1] - zs[0] + 1)
-    assert nib.aff2axcodes(vol.affine) == ("R", "A", "S")
-    data = np.asarray(vol.dataobj)
-    for r in group:
-      ct, img = load_slice(out / r["ct_file"])
-      k = int(r["slice_index"]) - zs[0]
-      np.testing.assert_array_equal(export.from_ras(data[..., k]), ct)
-      np.testing.assert_allclose(vol.affine @ [0, 0, k, 1], img.affine @ [0, 0, 0, 1])
+    by_z = {int(r["slice_index"]): r for r in group}
+    z0, nz = min(by_z), max(by_z) - min(by_z) + 1
+    for kind, pad_value in (("ct", export.PAD_HU), ("seg", 0), ("mask", 0)):
+      vol = nib.load(str(out / "volumes" / f"{case}_r{rnd}_{kind}.nii.gz"))
+      assert vol.shape == (SIZE, SIZE, nz)
+      assert nib.aff2axcodes(vol.affine) == ("R", "A", "S")
+      data = np.asarray(vol.dataobj)
+      for k in range(nz):
+        got = export.from_ras(data[..., k])
+        r = by_z.get(z0 + k)
+        if r is None:  # A z gap between the case's generated slices.
+          assert np.all(got == pad_value), (case, rnd, kind, k)
+          continue
+        ref, img = load_slice(out / r[f"{kind}_file"])
+        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_allclose(vol.affine @ [0, 0, k, 1], img.affine @ [0, 0, 0, 1])
+        src_lab = source[int(r["source_index"])][records.LABELS][..., 0]
+        if kind == "seg":  # Organ scenario: the labels are the source's.
+          np.testing.assert_array_equal(got, src_lab)
+        elif kind == "mask":
+          np.testing.assert_array_equal(got, src_lab > 0)
 
 
-def test_tfds_export_loads_without_tensorflow(organ_export):
+def fake_samples(case_ids, slice_indices, rounds, seed=0) -> runner.Samples:
+  """Random Samples (labels independent of the mask) to export without a model."""
+  n, rng = len(case_ids), np.random.default_rng(seed)
+  shape = (n, SIZE, SIZE, 1)
+  hu = lambda: rng.integers(-1000, 1000, shape).astype(np.int16)
+  labels = rng.integers(0, 3, shape).astype(np.uint8)
+  return runner.Samples(
+      index=np.arange(n), source_index=np.arange(n), round=np.asarray(rounds),
+      case_id=list(case_ids), slice_index=np.asarray(slice_indices, np.int32),
+      spacing_mm=np.tile(np.float32([SPACING, SPACING, 5.0]), (n, 1)), image_hu=hu(),
+      prev_hu=hu(), next_hu=hu(), source_labels=labels, labels=labels,
+      mask=(rng.random(shape) < 0.3).astype(np.uint8), generated=np.zeros(shape, np.float32),
+      generated_hu=hu(), info=[{} for _ in range(n)])
+
+
+def test_volumes_pad_z_gaps_and_stack_every_kind(tmp_path):
+  samples = fake_samples(["a", "b", "a", "a"], [3, 0, 6, 3], [0, 0, 0, 1])
+  exporter = export.Exporter(str(tmp_path), {"image_size": SIZE}, len(samples), formats=(),
+                             volumes=True)
+  exporter.add(samples)
+  written = exporter.finish()
+  members = {("a", 0): {3: 0, 6: 2}, ("b", 0): {0: 1}, ("a", 1): {3: 3}}
+  kinds = {"ct": ("generated_hu", np.int16, -1024), "seg": ("labels", np.uint8, 0),
+           "mask": ("mask", np.uint8, 0)}
+  assert sorted(written["volumes"]) == sorted(
+      str(tmp_path / "volumes" / f"{c}_r{r}_{k}.nii.gz") for c, r in members for k in kinds)
+  for (case, rnd), by_z in members.items():
+    z0, nz = min(by_z), max(by_z) - min(by_z) + 1
+    for kind, (field, dtype, fill) in kinds.items():
+      img = nib.load(str(tmp_path / "volumes" / f"{case}_r{rnd}_{kind}.nii.gz"))
+      data = np.asarray(img.dataobj)
+      assert data.shape == (SIZE, SIZE, nz) and img.get_data_dtype() == dtype
+      np.testing.assert_allclose(img.header.get_zooms(), (SPACING, SPACING, 5.0))
+      assert img.affine[2, 3] == z0 * 5.0
+      for k in range(nz):
+        j = by_z.get(z0 + k)
+        want = (getattr(samples, field)[j, ..., 0] if j is not None
+                else np.full((SIZE, SIZE), fill))
+        np.testing.assert_array_equal(export.from_ras(data[..., k]), want, err_msg=f"{kind} {k}")
+  assert not (tmp_path / ".spool").exists()
+
+
+def test_tfds_export_loads_without_tensorflow(organ_export, data):
   out, rows = organ_export["out"], organ_export["rows"]
   summary = organ_export["summary"]
   assert summary["tfds_name"] == "ct_slices/kidney_tumor_32px_12mm"
@@ -239,8 +334,8 @@ def test_tfds_export_loads_without_tensorflow(organ_export):
       from ctdiff_jax.data import sources
       from ctdiff_jax.generation import export
       from configs import kidney_tumor
-      rows = {[(r["ct_file"], r["seg_file"], r["source_case"], int(r["slice_index"]))
-               for r in rows]!r}
+      rows = {[(r["ct_file"], r["seg_file"], r["source_case"], int(r["slice_index"]),
+                int(r["source_index"])) for r in rows]!r}
       out = {str(out)!r}
       src = tfds.data_source("ct_slices/kidney_tumor_32px_12mm", data_dir=out + "/tfds",
                              split="test")
@@ -251,14 +346,21 @@ def test_tfds_export_loads_without_tensorflow(organ_export):
       config = kidney_tumor.get_config("smoke")
       config.data_dir, config.image_size, config.spacing_mm = out + "/tfds", 32, 12.0
       real_like, meta = sources.open_split(config, "test")
+      config.data_dir = {str(data["tfds"])!r}
+      source, _ = sources.open_split(config, "test")
       assert len(src) == len(rows) == len(real_like), (len(src), len(rows))
-      for i, (ct, seg, case, z) in enumerate(rows):
-        rec = real_like[i]
+      for i, (ct, seg, case, z, source_index) in enumerate(rows):
+        rec, orig = real_like[i], source[source_index]
+        assert set(rec) == set(orig), i
         assert rec["image"].dtype == np.int16 and rec["labels"].dtype == np.uint8
         ct_arr = export.from_ras(np.asarray(nib.load(out + "/" + ct).dataobj)[..., 0])
         seg_arr = export.from_ras(np.asarray(nib.load(out + "/" + seg).dataobj)[..., 0])
         assert np.array_equal(rec["image"][..., 0], ct_arr), i
         assert np.array_equal(rec["labels"][..., 0], seg_arr), i
+        # Everything but the image and labels is the source record's, feature by feature.
+        for key in ("prev_image", "next_image", "spacing_mm", "case_id", "slice_index"):
+          got, want = np.asarray(rec[key]), np.asarray(orig[key])
+          assert got.dtype == want.dtype and np.array_equal(got, want), (i, key)
         assert rec["case_id"].decode() == case and int(rec["slice_index"]) == z
       assert "tensorflow" not in sys.modules
       print("TFDS_OK", len(src))
@@ -321,6 +423,7 @@ def test_tumor_is_placed_inside_host_organ_and_labelled(tmp_path, data, inpainte
   with open(out / "manifest.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   source = source_records(config, "train")
+  rim_pixels = 0
   for r in rows:
     rec = source[int(r["source_index"])]
     src_lab = rec[records.LABELS][..., 0]
@@ -332,6 +435,12 @@ def test_tumor_is_placed_inside_host_organ_and_labelled(tmp_path, data, inpainte
     assert placed.any() and int(r["lesion_pixels"]) == placed.sum()
     assert np.all(host[placed]), "the new tumour must lie inside the host organ"
     assert np.all(host[mask > 0]) and np.all(mask[placed] > 0)
+    # The regenerated region is the placed tumour grown by blend_px (1 px: the 4-neighbours,
+    # every pixel within 1 px), clipped to the host organ.
+    rim = ndimage.binary_dilation(placed, structure=ndimage.generate_binary_structure(2, 1))
+    assert scenarios.BLEND_PX == 1 and spec.blend_px == 1
+    np.testing.assert_array_equal(mask > 0, rim & host)
+    rim_pixels += int(np.sum((mask > 0) & ~placed))
     # A's own lesion and every other label are kept.
     np.testing.assert_array_equal(seg[~placed], src_lab[~placed])
     np.testing.assert_array_equal(ct[mask == 0], rec[records.IMAGE][..., 0][mask == 0])
@@ -346,6 +455,7 @@ def test_tumor_is_placed_inside_host_organ_and_labelled(tmp_path, data, inpainte
     rr, cc = np.nonzero(placed)
     moved[rr - dy, cc - dx] = True
     assert np.all(donor[records.LABELS][..., 0][moved] == LESION)
+  assert rim_pixels > 0, "the rim around the placed tumours must be regenerated too"
 
 
 def test_tumor_offset_given_and_nothing_fits(data):
@@ -463,3 +573,52 @@ def test_cli_tumor_run_and_missing_checkpoint(tmp_path, data, workdir):
   bad = _cli(common + [f"--workdir={tmp_path / 'missing'}", f"--output_dir={tmp_path / 'x'}"])
   assert bad.returncode == 1
   assert "error" in bad.stderr and "missing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def read_manifest(out) -> list[dict[str, str]]:
+  with open(out / "manifest.csv", newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_cli_reproducible_across_processes_checkpoint_step_and_overwrite(tmp_path, data,
+                                                                         two_step_workdir):
+  args = ["--config=configs/kidney_tumor.py:smoke", f"--config.data_dir={data['tfds']}",
+          f"--config.image_size={SIZE}", f"--config.spacing_mm={SPACING}",
+          "--config.sampling.num_steps=3", f"--workdir={two_step_workdir}", "--scenario=context",
+          "--num_samples=3", "--seed=4", "--formats=nifti"]
+  first, second = tmp_path / "first", tmp_path / "second"
+  for out in (first, second):  # Two processes, each restoring and compiling on its own.
+    proc = _cli(args + ["--checkpoint_step=0", f"--output_dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with checkpoint step 0 " in proc.stdout
+  rows = read_manifest(first)
+  assert len(rows) == 3 and {r["checkpoint_step"] for r in rows} == {"0"}
+  step0 = {}
+  for r, r2 in zip(rows, read_manifest(second)):
+    for key in ("ct_file", "seg_file", "mask_file"):
+      a, b = nib.load(str(first / r[key])), nib.load(str(second / r2[key]))
+      assert a.get_data_dtype() == b.get_data_dtype()
+      np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+      step0[r[key]] = np.asarray(a.dataobj)
+  # An export is never overwritten by accident: refused before the model loads.
+  manifest = (first / "manifest.csv").read_bytes()
+  proc = _cli(args + [f"--output_dir={first}"])
+  assert proc.returncode == 1 and "already holds an export" in proc.stderr
+  assert "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+  config = make_config(data["tfds"])
+  spec = runner.GenerateSpec("context", num_samples=3, seed=4, formats=("nifti",))
+  with pytest.raises(FileExistsError, match="already holds an export"):
+    runner.generate(config, str(two_step_workdir), spec, str(first), progress=False)
+  assert (first / "manifest.csv").read_bytes() == manifest
+  # --overwrite with the latest checkpoint (step 7): recorded, and other slices inside the mask.
+  spec = dataclasses.replace(spec, overwrite=True)
+  summary = runner.generate(config, str(two_step_workdir), spec, str(first), progress=False)
+  assert summary["checkpoint_step"] == 7
+  rows7 = read_manifest(first)
+  assert [r["ct_file"] for r in rows7] == [r["ct_file"] for r in rows]
+  assert {r["checkpoint_step"] for r in rows7} == {"7"}
+  for r in rows7:
+    ct7 = np.asarray(nib.load(str(first / r["ct_file"])).dataobj)
+    m = step0[r["mask_file"]] > 0
+    np.testing.assert_array_equal(ct7[~m], step0[r["ct_file"]][~m])
+    assert np.any(ct7[m] != step0[r["ct_file"]][m]), r["ct_file"]
