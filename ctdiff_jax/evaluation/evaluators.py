@@ -1,0 +1,166 @@
+"""Table 1's column accumulators (big_vision evaluator shape): fed batch by batch, then read.
+
+One predict loop (table1.predict) yields, per method column, `Batch`es of the same slices:
+the real int16 HU, the method's "generated" int16 HU, the organ mask and the organ crop box.
+Each column owns a few evaluators:
+
+  FIDEvaluator(kind)       Inception features of the column's images, 'fid_whole' (whole
+                           slices) or 'fid_crop' (organ crops); `result(real)` is the FID
+                           against the real set's evaluator of the same kind.
+  ImageMetricsEvaluator    per-slice MAE / PSNR / SSIM inside the mask (generative columns).
+  SliceLog                 which slices were evaluated (per_slice.csv).
+
+The crops (`crop_box`, `crop`) are defined here so every column crops the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from ctdiff_jax.data import masks as masks_lib
+from ctdiff_jax.evaluation import fid
+from ctdiff_jax.evaluation import image_metrics
+
+FID_KINDS = ("fid_whole", "fid_crop")
+IMAGE_METRICS = ("mae_hu", "psnr_db", "ssim")
+
+
+@dataclasses.dataclass
+class Batch:
+  """One chunk of one column: the same slices, masks and boxes in every column."""
+
+  index: np.ndarray  # [n] record indices in the split
+  case_id: list[str]
+  slice_index: np.ndarray  # [n]
+  real: np.ndarray  # int16 [n, H, W]
+  generated: np.ndarray  # int16 [n, H, W]: the column's image of each slice
+  mask: np.ndarray  # bool [n, H, W]: the organ scenario's mask
+  boxes: list[tuple[int, int, int]]  # organ crop box of each slice (see crop_box)
+
+
+# ---------------------------------------------------------------------------- crops
+
+
+def crop_box(mask: np.ndarray, spacing_mm: tuple[float, float],
+             margin_mm: float) -> tuple[int, int, int]:
+  """(top, left, side) of the square organ crop: bbox + margin, centred, squared.
+
+  The square is shifted to lie inside the slice when it fits; when it is larger than the
+  slice it stays centred and `crop` pads the outside.
+  """
+  mask = np.asarray(mask, bool)
+  if not mask.any():
+    raise ValueError("crop_box: empty mask")
+  rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+  mr, mc = masks_lib.margin_pixels(margin_mm, spacing_mm)
+  r0, r1 = rows[0] - mr, rows[-1] + mr
+  c0, c1 = cols[0] - mc, cols[-1] + mc
+  h, w = r1 - r0 + 1, c1 - c0 + 1
+  side = max(h, w)
+  top, left = r0 - (side - h) // 2, c0 - (side - w) // 2
+  if side <= mask.shape[0]:
+    top = min(max(top, 0), mask.shape[0] - side)
+  if side <= mask.shape[1]:
+    left = min(max(left, 0), mask.shape[1] - side)
+  return int(top), int(left), int(side)
+
+
+def crop(image: np.ndarray, box: tuple[int, int, int], pad_value: float) -> np.ndarray:
+  """The (side, side) square of `box` from an (H, W) image, `pad_value` outside it."""
+  top, left, side = box
+  out = np.full((side, side), pad_value, np.asarray(image).dtype)
+  h, w = image.shape
+  r0, r1 = max(top, 0), min(top + side, h)
+  c0, c1 = max(left, 0), min(left + side, w)
+  out[r0 - top:r1 - top, c0 - left:c1 - left] = image[r0:r1, c0:c1]
+  return out
+
+
+def fid_images(hu: np.ndarray, boxes: Sequence[tuple[int, int, int]], window, kind: str,
+               crop_size: int, pad_hu: float) -> np.ndarray:
+  """uint8 RGB FID inputs of HU slices [N, H, W]: whole slices, or their organ crops."""
+  if kind == "fid_whole":
+    return fid.hu_to_uint8_rgb(hu, window, size=None)
+  if kind != "fid_crop":
+    raise ValueError(f"unknown FID kind {kind!r}; expected one of {FID_KINDS}")
+  return np.stack([fid.hu_to_uint8_rgb(crop(h, b, pad_hu), window, size=crop_size)
+                   for h, b in zip(hu, boxes)])
+
+
+# ---------------------------------------------------------------------------- evaluators
+
+
+class FIDEvaluator:
+  """Accumulates Inception features of one column's whole slices or organ crops."""
+
+  def __init__(self, kind: str, *, window, crop_size: int, pad_hu: float, batch_size: int,
+               weights: str | os.PathLike | None = None):
+    if kind not in FID_KINDS:
+      raise ValueError(f"unknown FID kind {kind!r}; expected one of {FID_KINDS}")
+    self.kind, self.window, self.crop_size, self.pad_hu = kind, window, crop_size, pad_hu
+    self.batch_size, self.weights = batch_size, weights
+    self._features: list[np.ndarray] = []
+    self._pending: list[np.ndarray] = []  # images not yet featurised (< one network batch)
+
+  def images(self, batch: Batch) -> np.ndarray:
+    return fid_images(batch.generated, batch.boxes, self.window, self.kind, self.crop_size,
+                      self.pad_hu)
+
+  def update(self, batch: Batch) -> None:
+    self._pending.append(self.images(batch))
+    if sum(map(len, self._pending)) >= self.batch_size:
+      self._flush()
+
+  def _flush(self) -> None:
+    # Full network batches only while streaming; the remainder at the end.
+    if self._pending:
+      self._features.append(fid.features(np.concatenate(self._pending),
+                                         batch_size=self.batch_size, weights=self.weights,
+                                         progress=False))
+      self._pending = []
+
+  @property
+  def features(self) -> np.ndarray:
+    self._flush()
+    return np.concatenate(self._features)
+
+  def result(self, real: "FIDEvaluator", bootstrap: int, seed: int) -> dict[str, Any]:
+    """FID (n1, n2, bootstrap std) of this column against `real` (same kind)."""
+    if real.kind != self.kind:
+      raise ValueError(f"FID of {self.kind} against a {real.kind} real set")
+    return dataclasses.asdict(fid.fid_from_features(real.features, self.features, bootstrap,
+                                                    seed))
+
+
+class ImageMetricsEvaluator:
+  """Per-slice MAE (HU), PSNR and SSIM inside the mask (see image_metrics)."""
+
+  def __init__(self, window):
+    self.window = window
+    self.values: dict[str, list[float]] = {k: [] for k in IMAGE_METRICS}
+
+  def update(self, batch: Batch) -> None:
+    got = image_metrics.masked_metrics(batch.generated, batch.real, batch.mask, self.window)
+    for k in IMAGE_METRICS:
+      self.values[k].extend(got[k].tolist())
+
+  def result(self) -> dict[str, Any]:
+    return {k: image_metrics.summarize(self.values[k]) for k in IMAGE_METRICS}
+
+
+class SliceLog:
+  """Record index, case, slice index and mask size of every evaluated slice, in order."""
+
+  def __init__(self):
+    self.values: dict[str, list] = {"index": [], "case_id": [], "slice_index": [],
+                                    "mask_pixels": []}
+
+  def update(self, batch: Batch) -> None:
+    self.values["index"].extend(int(i) for i in batch.index)
+    self.values["case_id"].extend(batch.case_id)
+    self.values["slice_index"].extend(int(i) for i in batch.slice_index)
+    self.values["mask_pixels"].extend(int(m.sum()) for m in batch.mask)
