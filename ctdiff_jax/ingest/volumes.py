@@ -93,6 +93,7 @@ def load_canonical(path: pathlib.Path, case_id: str, what: str) -> nib.Nifti1Ima
     raise _fail(case_id, path, f"cannot read {what} as NIfTI ({type(e).__name__}: {e})") from e
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise _fail(case_id, path, f"{what} is a {type(img).__name__}, expected NIfTI")
+  pixdim = raw_pixdim(img)  # before squeeze_image, which makes an image without a file
   if len(img.shape) > 3:
     img = nib.funcs.squeeze_image(img)
   if len(img.shape) != 3:
@@ -100,12 +101,47 @@ def load_canonical(path: pathlib.Path, case_id: str, what: str) -> nib.Nifti1Ima
                 f"{what} is {len(img.shape)}D with shape {tuple(img.shape)}; expected a 3D volume")
   if min(img.shape) < 1:
     raise _fail(case_id, path, f"{what} is empty (shape {tuple(img.shape)})")
+  check_geometry(img, pixdim, path, case_id, what)
   try:  # reorienting a non-canonical volume reads its voxel data
     return nib.as_closest_canonical(img)
   except Exception as e:
     raise _fail(case_id, path,
                 f"cannot read {what} voxel data, truncated or corrupt file? "
                 f"(while reorienting to RAS+: {type(e).__name__}: {e})") from e
+
+
+def raw_pixdim(img: nib.Nifti1Image) -> np.ndarray:
+  """pixdim[1:4] as stored: nibabel's load silently turns 0 into 1 and negatives into abs."""
+  holder = img.file_map["header" if "header" in img.file_map else "image"]
+  with holder.get_prepare_fileobj(mode="rb") as f:
+    raw = type(img.header).from_fileobj(f, check=False)
+  return np.asarray(raw["pixdim"][1:4], np.float64)
+
+
+def check_geometry(img: nib.Nifti1Image, pixdim: np.ndarray, path: pathlib.Path, case_id: str,
+                   what: str) -> None:
+  """Refuses voxel spacings / affines that would need a guess (VolumeError naming the file).
+
+  A zero, negative or non-finite header pixdim[1:4] is refused even where nibabel would
+  default it to 1 mm; so is an affine (q/s-form, or pixdim when neither is set) that is not
+  finite, has a zero-length axis or is singular: every later mm is derived from it.
+  """
+  todo = "fix the header (voxel size in mm) with the tool that wrote it; no spacing is guessed"
+  if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+    raise _fail(case_id, path, f"{what} has invalid voxel spacing pixdim[1:4] = "
+                f"{tuple(float(v) for v in pixdim)} in its header (zero, negative or not "
+                f"finite): {todo}")
+  affine = np.asarray(img.affine, np.float64)
+  spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+  hdr = img.header
+  codes = f"qform_code {int(hdr['qform_code'])}, sform_code {int(hdr['sform_code'])}"
+  if not np.isfinite(affine).all():
+    raise _fail(case_id, path, f"{what} has a non-finite affine ({codes}): {todo}")
+  det = abs(float(np.linalg.det(affine[:3, :3])))
+  if spacing.min() <= 1e-6 or det <= 1e-6 * float(np.prod(spacing)):
+    raise _fail(case_id, path, f"{what} has a singular affine (voxel axes of length "
+                f"{tuple(round(float(v), 6) for v in spacing)} mm, |det| {det:.3g}; {codes}): "
+                f"{todo}")
 
 
 def read_array(img: nib.Nifti1Image, path: pathlib.Path, case_id: str, what: str) -> np.ndarray:
@@ -169,8 +205,9 @@ def organ_ids_for_case(organs: Sequence[str], label_names: Mapping[int, str]) ->
 def load_case(case: Case, organs: Sequence[str]) -> LoadedCase:
   """Loads one case on its canonical grid with an organ label map of `organs` (ids 1..K).
 
-  Raises VolumeError for unreadable / non-3D files, NaN or Inf in the image, label grids that
-  differ from the image grid and malformed label maps.
+  Raises VolumeError for unreadable / non-3D files, zero / negative / non-finite voxel spacing
+  or a singular affine, NaN or Inf in the image, label grids that differ from the image grid
+  and malformed label maps.
   """
   img = load_canonical(case.image, case.case_id, "image")
   if case.label is None and case.masks is None:

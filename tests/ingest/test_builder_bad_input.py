@@ -100,6 +100,36 @@ def _fractional_labels(root: pathlib.Path):
                  dtype=np.float32)
 
 
+def _pixdim(pixdim):
+  """A bad image whose header spacing is `pixdim` with neither a qform nor an sform."""
+
+  def make(root: pathlib.Path):
+    hu, _ = synth.make_volume(GOOD)
+    img = nib.Nifti1Image(hu, None)  # qform_code = sform_code = 0: the affine is pixdim's
+    img.header["pixdim"][1:4] = pixdim
+    nib.save(img, root / "bad_ct.nii.gz")
+    raw = nib.Nifti1Header.from_fileobj(gzip.open(root / "bad_ct.nii.gz"), check=False)
+    assert np.array_equal(raw["pixdim"][1:4], pixdim, equal_nan=True)  # as stored
+  return make
+
+
+def _singular_affine(root: pathlib.Path):
+  hu, _ = synth.make_volume(GOOD)
+  aff = synth.ras_affine()
+  aff[:3, 2] = aff[:3, 0]  # z axis along x: a plane, not a volume
+  synth.save_nii(root / "bad_ct.nii.gz", hu, aff)
+
+
+def _zero_axis_sform(root: pathlib.Path):
+  _, lab = synth.make_volume(GOOD)
+  aff = synth.ras_affine()
+  aff[:3, 2] = 0.0  # slices of no thickness
+  hdr = nib.Nifti1Header()
+  hdr.set_sform(aff, code=2)  # set on the header: nibabel cannot derive a qform from it
+  nib.save(nib.Nifti1Image(lab, None, hdr), root / "bad_seg.nii.gz")
+
+
+_SPACING = r"image has invalid voxel spacing pixdim\[1:4\] = \(%s\) in its header"
 # kind -> (make it bad, file named in the error, problem text)
 BAD = {
     "corrupt": (_corrupt, "bad_ct.nii.gz", "cannot read image as NIfTI"),
@@ -117,6 +147,17 @@ BAD = {
     "missing_image": (_missing_image, "bad_ct.nii.gz", "image file is missing"),
     "fractional_labels": (_fractional_labels, "bad_seg.nii.gz",
                           "label map holds non-integer values"),
+    # Never nibabel's silent 1 mm fallback (0 -> 1, -2 -> 2).
+    "zero_spacing": (_pixdim([0.0, 0.0, 0.0]), "bad_ct.nii.gz", _SPACING % "0.0, 0.0, 0.0"),
+    "zero_z_spacing": (_pixdim([2.0, 2.0, 0.0]), "bad_ct.nii.gz", _SPACING % "2.0, 2.0, 0.0"),
+    "negative_spacing": (_pixdim([-2.0, 2.0, 3.0]), "bad_ct.nii.gz",
+                         _SPACING % "-2.0, 2.0, 3.0"),
+    "nan_spacing": (_pixdim([np.nan, 2.0, 3.0]), "bad_ct.nii.gz", _SPACING % "nan, 2.0, 3.0"),
+    "singular_affine": (_singular_affine, "bad_ct.nii.gz",
+                        r"image has a singular affine \(voxel axes of length \(2.0, 2.0, 2.0\)"),
+    "zero_axis_sform": (_zero_axis_sform, "bad_seg.nii.gz",
+                        r"label has a singular affine \(voxel axes of length \(2.0, 2.0, 0.0\)"
+                        r".*sform_code 2"),
 }
 
 
