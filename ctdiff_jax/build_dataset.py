@@ -6,6 +6,10 @@
        --skip_bad_cases --overwrite]
 
 Dataset naming: ctdiff_jax/ingest/naming.py; the build: ctdiff_jax/ingest/build.py.
+Bad input ends with `ctdiff_jax.build_dataset: error: <case, file, problem>` and exit status 1
+(--verbose or CTDIFF_VERBOSE=1 for the traceback; see ctdiff_jax/cli.py). Two builds of one
+dataset into one data_dir take turns (a lock file); a killed build leaves no dataset under its
+final name and the next build starts over.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
+from ctdiff_jax import cli
 from ctdiff_jax.ingest import build as ingest_build
 from ctdiff_jax.ingest import naming
 from ctdiff_jax.ingest import organs as organs_lib
@@ -43,11 +48,9 @@ def _define_flags():
 def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   fl = flags.FLAGS
-  tfds.disable_progress_bar()  # our own bars are per case
-  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger().setLevel(logging.INFO)  # our per-case notes; TFDS's are quieted by cli
   options: dict[str, Any] = {"layout": fl.layout, "skip_bad_cases": fl.skip_bad_cases}
   for key in ("image_size", "spacing_mm", "min_organ_area", "empty_slice_fraction",
               "split_ratios"):
@@ -61,7 +64,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-
   _define_flags()
-  app.run(main)
+  cli.run(main, "ctdiff_jax.build_dataset", uses_tfds=True)  # our own bars are per case

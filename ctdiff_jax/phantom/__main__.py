@@ -1,22 +1,27 @@
-"""Phantom CLI: `python -m ctdiff_jax.phantom --output_dir=DIR --num_cases=8 [--lesions]`."""
+"""Phantom CLI: `python -m ctdiff_jax.phantom --output_dir=DIR --num_cases=8 [--lesions]`.
+
+Bad flags end with `ctdiff_jax.phantom: error: ...` and exit status 1 (ctdiff_jax/cli.py).
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from ctdiff_jax import cli
 from ctdiff_jax.phantom import cohort
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
 
   def parse(values: list[str], cast, name):
     try:
       return tuple(cast(v) for v in values)
-    except ValueError as e:
-      raise flags.ValidationError(f"--{name}: expected 3 numbers, got {values}") from e
+    except ValueError:
+      raise app.UsageError(f"--{name}: expected 3 numbers, got {values}") from None
 
   ids = cohort.write_cohort(f.output_dir, f.num_cases, seed=f.seed, lesions=f.lesions,
                      shape=parse(f.grid, int, "grid"), spacing=parse(f.spacing, float, "spacing"))
@@ -35,6 +40,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main, "ctdiff_jax.phantom")
