@@ -29,12 +29,21 @@ between organ configs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
+import os
 import pathlib
+import shutil
 from typing import Any, Iterator, Sequence
+
+try:
+  import fcntl
+except ImportError:  # Windows: builds are not serialised
+  fcntl = None
 
 import tensorflow_datasets as tfds
 import tqdm
@@ -48,6 +57,8 @@ from ctdiff_jax.ingest import volumes
 SPLITS = naming.SPLITS
 
 _LOG = logging.getLogger(__name__)
+# TFDS writes a build into <config>/incomplete.<random>_<version>/ and renames it when done.
+_INCOMPLETE = "incomplete."
 
 
 @dataclasses.dataclass(eq=False)
@@ -170,14 +181,25 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     super().__init__(file_format=file_format or "array_record", **kwargs)
 
   def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
-    # Check the raw directory before TFDS creates any folder; a reused build needs none.
     config = download_config or tfds.download.DownloadConfig()
-    reused = self.data_path.exists() and not config.download_mode.overwrite_dataset
-    if not reused and config.download_mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO:
-      downloads = pathlib.Path(download_dir or self.data_dir_root / "downloads")
-      layouts.check_manual_dir(config.manual_dir or downloads / "manual")
-    super().download_and_prepare(download_dir=download_dir, download_config=download_config,
-                                 **kwargs)
+    mode = config.download_mode
+    prepare = functools.partial(super().download_and_prepare, download_dir=download_dir,
+                                download_config=download_config, **kwargs)
+    reused = self.data_path.exists() and not mode.overwrite_dataset
+    if reused or mode == tfds.download.GenerateMode.UPDATE_DATASET_INFO:
+      return prepare()  # writes no records: needs neither the raw dir nor the lock
+    # Check the raw directory before TFDS creates any folder.
+    downloads = pathlib.Path(download_dir or self.data_dir_root / "downloads")
+    layouts.check_manual_dir(config.manual_dir or downloads / "manual")
+    config_dir = pathlib.Path(os.fspath(self.data_path)).parent
+    with build_lock(config_dir):
+      # Under the lock no other build runs: incomplete.* folders are from killed builds.
+      for stale in sorted(config_dir.glob(f"{_INCOMPLETE}*")):
+        _LOG.warning("removing %s, left behind by an interrupted build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+      if self.data_path.exists() and mode.overwrite_dataset:
+        _discard(pathlib.Path(os.fspath(self.data_path)))
+      return prepare()
 
   def _create_builder_config(self, builder_config, version):
     # A CtSlicesConfig whose name matches a predefined one differs at most in the read
@@ -273,6 +295,40 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       for record in volumes.slice_records(loaded, kept, cfg.image_size, cfg.spacing_mm):
         self.build_summary["slices"][split] += 1
         yield f"{case.case_id}/{int(record[records.SLICE_INDEX]):05d}", record
+
+
+@contextlib.contextmanager
+def build_lock(config_dir: pathlib.Path) -> Iterator[pathlib.Path]:
+  """Holds `<data_dir>/ct_slices/<config>.lock` (fcntl.flock): one build of a config at a time.
+
+  A second build of the same config into the same data_dir waits here, then finds the first
+  one's dataset and reuses it (or, with overwrite, rebuilds it). The lock goes with the process
+  (also when killed); the empty lock file stays, deleting it would race with a waiting build.
+  """
+  lock_path = config_dir.parent / f"{config_dir.name}.lock"
+  if fcntl is None or "://" in str(config_dir):  # no flock on Windows / remote file systems
+    yield lock_path
+    return
+  lock_path.parent.mkdir(parents=True, exist_ok=True)
+  with open(lock_path, "a", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      _LOG.warning("another build of %s/%s is running (lock %s): waiting for it to finish",
+                   naming.DATASET, config_dir.name, lock_path)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield lock_path
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _discard(path: pathlib.Path) -> None:
+  """Deletes a dataset folder so that a kill midway leaves no half dataset under its name."""
+  doomed = path.with_name(f"{_INCOMPLETE}discarded_{path.name}")
+  shutil.rmtree(doomed, ignore_errors=True)
+  path.rename(doomed)  # atomic: the final name is complete or gone
+  shutil.rmtree(doomed)
 
 
 def _scan(case: volumes.Case, cfg: CtSlicesConfig) -> tuple[list[int], int]:
