@@ -7,14 +7,10 @@ fields stay but are unused). Variants: "" (paper settings, 64 base filters) and 
 """
 
 from configs import default
-from ctdiff_jax.training.tasks import pix2pix as pix2pix_task
 
 
 def get_config(variant: str = ""):
   config = default.for_dataset("kidneys", variant, mask_mode="organ")
   config.model_family = "pix2pix"
-  if variant == "smoke":
-    config.pix2pix = pix2pix_task.smoke_config()
-  else:
-    config.pix2pix = pix2pix_task.default_config()
+  config.pix2pix = default.pix2pix_config(variant)
   return config

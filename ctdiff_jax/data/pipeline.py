@@ -9,7 +9,7 @@
 Batches hold `image`, `mask`, `cond`, `labels`, `slice_index` (see data/transforms.py), each
 with leading dims `batch_shape`, plus `valid` when `drop_remainder=False`.
 
-Data config fields (`default_data_config()`; the lead embeds it as `config.data`):
+Data config fields (`config.data`; the defaults are in configs/default.py):
 
   dataset           TFDS builder config name under ct_slices/, e.g. 'kidneys'.
   data_dir          TFDS data dir (holds ct_slices/<dataset>/<version>/).
@@ -41,34 +41,9 @@ import math
 from typing import Any, Sequence
 
 import grain.python as grain
-import ml_collections
 
-from ctdiff_jax.data import masks
 from ctdiff_jax.data import transforms
 from ctdiff_jax.data.transforms import cond_channels  # pylint: disable=unused-import
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """Defaults for every data field documented in the module docstring."""
-  cfg = ml_collections.ConfigDict()
-  cfg.dataset = "kidneys"
-  cfg.data_dir = ""
-  cfg.image_size = 256
-  cfg.spacing_mm = 1.5
-  cfg.hu_window = (-1000.0, 1000.0)
-  cfg.mask_mode = "organ"
-  cfg.mask_labels = ()
-  cfg.dilation_mm = 0.0
-  cfg.bbox_margin_mm = 10.0
-  cfg.shape_area = (0.05, 0.3)
-  cfg.shape_kinds = masks.SHAPE_KINDS
-  cfg.mixed_weights = (1.0, 1.0, 1.0)
-  cfg.neighbours = False
-  cfg.flip_lr_prob = 0.0
-  cfg.translate_px = 0
-  cfg.intensity_jitter = 0.0
-  cfg.worker_count = 0
-  cfg.worker_buffer_size = 1
-  return cfg
 
 
 def ensure_flags_parsed() -> None:

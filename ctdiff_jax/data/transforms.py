@@ -78,6 +78,8 @@ def unit_to_hu(x, window=DEFAULT_WINDOW):
 class ExampleConfig:
   """The plain, picklable subset of the data config that `MakeExample` needs."""
 
+  # Only for fields a data config lacks: equal to configs/default.py's config.data
+  # (tests/test_defaults.py checks it).
   hu_window: tuple[float, float] = DEFAULT_WINDOW
   mask_mode: str = "organ"
   mask_labels: tuple[int, ...] = ()
@@ -87,7 +89,7 @@ class ExampleConfig:
   shape_kinds: tuple[str, ...] = masks.SHAPE_KINDS
   mixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
   neighbours: bool = False
-  spacing_mm: float = 1.0
+  spacing_mm: float = 1.5
   flip_lr_prob: float = 0.0
   translate_px: int = 0
   intensity_jitter: float = 0.0

@@ -60,10 +60,48 @@ def _validate(schedule: schedule_lib.Schedule, sampler: str, num_steps: int, eta
   timestep_sequence(schedule.num_timesteps, sampler, num_steps)
 
 
+def _check_batch(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(image float32, mask, cond) of `batch`, with clear errors for missing keys or shapes."""
+  for key in ("image", "mask", "cond"):
+    if key not in batch:
+      raise ValueError(f"sample: batch lacks {key!r} (has {sorted(batch)})")
+  image = jnp.asarray(batch["image"], jnp.float32)
+  mask = jnp.asarray(batch["mask"])
+  if image.ndim != 4 or image.shape[-1] != 1:
+    raise ValueError(f"sample: image must be [B,H,W,1], got {image.shape}")
+  if mask.shape != image.shape:
+    raise ValueError(f"sample: mask shape {mask.shape} != image shape {image.shape}")
+  return image, mask, batch["cond"]
+
+
+def _abar_at(schedule: schedule_lib.Schedule, t: jax.Array) -> jax.Array:
+  """alpha-bar at t, with abar(-1) = 1 for the final step to x0."""
+  return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
+
+
+def _denoise(model_out: jax.Array, schedule: schedule_lib.Schedule, x: jax.Array, t: jax.Array,
+             t_prev: jax.Array, z: jax.Array, *, sampler: str, eta: float, prediction: str,
+             clip_x0: bool) -> jax.Array:
+  """One reverse step x_t -> x_{t_prev} from the network output at (x, t); `z` ~ N(0, I)."""
+  tb = jnp.full(x.shape[:1], t, jnp.int32)
+  x0 = schedule_lib.predict_x0(schedule, x, tb, model_out, prediction)
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+  if sampler == "ddpm":
+    mean, _, log_var = schedule_lib.q_posterior(schedule, x0, x, tb)
+    return mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * z
+  # DDIM (Song et al. 2021, eq. 12), with eps re-derived from the (clipped) x0.
+  eps = schedule_lib.eps_from_x0(schedule, x, tb, x0)
+  a, a_prev = _abar_at(schedule, t), _abar_at(schedule, t_prev)
+  sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+  dir_coef = jnp.sqrt(jnp.maximum(1 - a_prev - sigma**2, 0.0))
+  return jnp.sqrt(a_prev) * x0 + dir_coef * eps + sigma * z
+
+
 def sample(apply_fn: Callable[..., jax.Array], variables: Any, schedule: schedule_lib.Schedule,
-           batch: Mapping[str, jax.Array], rng: jax.Array, *, sampler: str = "ddim",
-           num_steps: int = 50, eta: float = 0.0, prediction: str = "eps",
-           repaint: bool = False, resample: int = 1, clip_x0: bool = True) -> jax.Array:
+           batch: Mapping[str, jax.Array], rng: jax.Array, *, sampler: str, num_steps: int,
+           eta: float, prediction: str, repaint: bool, resample: int,
+           clip_x0: bool = True) -> jax.Array:
   """Inpaints `batch['image']` inside `batch['mask']`; returns x0 [B,H,W,1] float32.
 
   Args:
@@ -72,99 +110,65 @@ def sample(apply_fn: Callable[..., jax.Array], variables: Any, schedule: schedul
     schedule: the noise schedule the model was trained with.
     batch: image [B,H,W,1] in [-1,1], mask [B,H,W,1] (1 = generate), cond [B,H,W,C].
     rng: key; the same key gives the same output.
-    sampler: 'ddim' (strided, `num_steps` steps) or 'ddpm' (ancestral, all T steps;
-      `num_steps` and `eta` are ignored).
-    num_steps: DDIM steps.
-    eta: DDIM stochasticity (0 = deterministic given the initial noise, 1 = DDPM-like).
-    prediction: what the model outputs, 'eps' or 'v'.
-    repaint: overwrite the known region of x_t with the noised original at each step.
-    resample: RePaint jumps per step (needs repaint=True).
+    sampler / num_steps / eta / repaint / resample: config.sampling (configs/default.py):
+      'ddim' (strided, `num_steps` steps, stochasticity `eta`) or 'ddpm' (ancestral, all T
+      steps; `num_steps` and `eta` are ignored); RePaint known-region overwrite and jumps per
+      step (resample > 1 needs repaint=True).
+    prediction: what the model outputs, 'eps' or 'v' (config.diffusion.prediction).
     clip_x0: clip each x0 estimate to [-1, 1].
 
   All keyword arguments are static: wrap with `make_sampler` (or jit with them bound).
   """
   _validate(schedule, sampler, num_steps, eta, prediction, repaint, resample)
-  for key in ("image", "mask", "cond"):
-    if key not in batch:
-      raise ValueError(f"sample: batch lacks {key!r} (has {sorted(batch)})")
-  image = jnp.asarray(batch["image"], jnp.float32)
-  mask = jnp.asarray(batch["mask"])
-  cond = batch["cond"]
-  if image.ndim != 4 or image.shape[-1] != 1:
-    raise ValueError(f"sample: image must be [B,H,W,1], got {image.shape}")
-  if mask.shape != image.shape:
-    raise ValueError(f"sample: mask shape {mask.shape} != image shape {image.shape}")
+  image, mask, cond = _check_batch(batch)
   generate = mask > 0.5
-
   ts_np = timestep_sequence(schedule.num_timesteps, sampler, num_steps)
   ts = jnp.asarray(ts_np)
   ts_prev = jnp.asarray(np.append(ts_np[1:], -1).astype(np.int32))
-  batch_size = image.shape[0]
+  step_opts = dict(sampler=sampler, eta=eta, prediction=prediction, clip_x0=clip_x0)
 
-  def abar_at(t: jax.Array) -> jax.Array:
-    # alpha-bar at t, with abar(-1) = 1 for the final step to x0.
-    return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
-
-  def denoise(x: jax.Array, t: jax.Array, t_prev: jax.Array, key: jax.Array) -> jax.Array:
-    tb = jnp.full((batch_size,), t, jnp.int32)
+  def jump(t, t_prev, key, x):
+    """One RePaint jump at level t: overwrite the known region, denoise, maybe re-noise."""
+    known_key, denoise_key, renoise_key = jax.random.split(key, 3)
+    tb = jnp.full(image.shape[:1], t, jnp.int32)
+    if repaint:
+      noise = jax.random.normal(known_key, x.shape, jnp.float32)
+      x = jnp.where(generate, x, schedule_lib.q_sample(schedule, image, tb, noise))
     out = apply_fn(variables, x, tb, cond, train=False).astype(jnp.float32)
-    x0 = schedule_lib.predict_x0(schedule, x, tb, out, prediction)
-    if clip_x0:
-      x0 = jnp.clip(x0, -1.0, 1.0)
-    z = jax.random.normal(key, x.shape, jnp.float32)
-    if sampler == "ddpm":
-      mean, _, log_var = schedule_lib.q_posterior(schedule, x0, x, tb)
-      return mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * z
-    # DDIM (Song et al. 2021, eq. 12), with eps re-derived from the (clipped) x0.
-    eps = schedule_lib.eps_from_x0(schedule, x, tb, x0)
-    a, a_prev = abar_at(t), abar_at(t_prev)
-    sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-    dir_coef = jnp.sqrt(jnp.maximum(1 - a_prev - sigma**2, 0.0))
-    return jnp.sqrt(a_prev) * x0 + dir_coef * eps + sigma * z
+    z = jax.random.normal(denoise_key, x.shape, jnp.float32)
+    x_prev = _denoise(out, schedule, x, t, t_prev, z, **step_opts)
+    # Back from level t_prev to t: q(x_t | x_{t_prev}) has this mean and variance.
+    ratio = _abar_at(schedule, t) / _abar_at(schedule, t_prev)
+    noise = jax.random.normal(renoise_key, x.shape, jnp.float32)
+    return x_prev, jnp.sqrt(ratio) * x_prev + jnp.sqrt(1 - ratio) * noise
+
+  def step(i: jax.Array, x: jax.Array) -> jax.Array:
+    step_key = jax.random.fold_in(loop_key, i)
+    if resample == 1:
+      return jump(ts[i], ts_prev[i], jax.random.fold_in(step_key, 0), x)[0]
+
+    def body(u, x):
+      x_prev, x_back = jump(ts[i], ts_prev[i], jax.random.fold_in(step_key, u), x)
+      return jnp.where(u < resample - 1, x_back, x_prev)
+
+    return jax.lax.fori_loop(0, resample, body, x)
 
   init_key, loop_key = jax.random.split(rng)
   x = jax.random.normal(init_key, image.shape, jnp.float32)
-
-  def step(i: jax.Array, x: jax.Array) -> jax.Array:
-    t, t_prev = ts[i], ts_prev[i]
-    step_key = jax.random.fold_in(loop_key, i)
-
-    def jump(u: jax.Array, x: jax.Array) -> jax.Array:
-      known_key, denoise_key, renoise_key = jax.random.split(jax.random.fold_in(step_key, u), 3)
-      if repaint:
-        noise = jax.random.normal(known_key, x.shape, jnp.float32)
-        tb = jnp.full((batch_size,), t, jnp.int32)
-        x = jnp.where(generate, x, schedule_lib.q_sample(schedule, image, tb, noise))
-      x_prev = denoise(x, t, t_prev, denoise_key)
-      if resample > 1:
-        # Back from level t_prev to t: q(x_t | x_{t_prev}) has this mean and variance.
-        ratio = abar_at(t) / abar_at(t_prev)
-        noise = jax.random.normal(renoise_key, x.shape, jnp.float32)
-        x_back = jnp.sqrt(ratio) * x_prev + jnp.sqrt(1 - ratio) * noise
-        x_prev = jnp.where(u < resample - 1, x_back, x_prev)
-      return x_prev
-
-    if resample == 1:
-      return jump(jnp.int32(0), x)
-    return jax.lax.fori_loop(0, resample, jump, x)
-
   x = jax.lax.fori_loop(0, len(ts_np), step, x)
   return jnp.where(generate, x, image)
 
 
-def make_sampler(apply_fn: Callable[..., jax.Array], schedule: schedule_lib.Schedule,
-                 **static: Any) -> Callable[[Any, Mapping[str, jax.Array], jax.Array], jax.Array]:
+def make_sampler(apply_fn: Callable[..., jax.Array], schedule: schedule_lib.Schedule, *,
+                 sampler: str, num_steps: int, eta: float, prediction: str, repaint: bool,
+                 resample: int, clip_x0: bool = True
+                 ) -> Callable[[Any, Mapping[str, jax.Array], jax.Array], jax.Array]:
   """Jitted `fn(variables, batch, rng) -> x0` with the keyword options of `sample` bound."""
-  unknown = set(static) - {"sampler", "num_steps", "eta", "prediction", "repaint", "resample",
-                           "clip_x0"}
-  if unknown:
-    raise ValueError(f"make_sampler: unknown options {sorted(unknown)}")
-  defaults = dict(sampler="ddim", num_steps=50, eta=0.0, prediction="eps", repaint=False,
-                  resample=1)
-  opts = {**defaults, **{k: v for k, v in static.items() if k != "clip_x0"}}
+  opts = dict(sampler=sampler, num_steps=num_steps, eta=eta, prediction=prediction,
+              repaint=repaint, resample=resample)
   _validate(schedule, **opts)  # fail here, not at the first call
 
   def run(variables: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
-    return sample(apply_fn, variables, schedule, batch, rng, **static)
+    return sample(apply_fn, variables, schedule, batch, rng, clip_x0=clip_x0, **opts)
 
   return jax.jit(run)

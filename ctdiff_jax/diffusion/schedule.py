@@ -20,28 +20,12 @@ from typing import Any, Callable, Mapping
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 PREDICTIONS = ("eps", "v")
 SCHEDULES = ("linear", "cosine")
 
 ApplyFn = Callable[..., jax.Array]
-
-
-def default_diffusion_config() -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict()
-  cfg.schedule = "cosine"
-  cfg.num_timesteps = 1000
-  # v (Salimans & Ho) rather than eps: with eps the smoke kidney model's inpainted HU were
-  # biased bright (mean 0.45 vs 0.04 in model units, MAE 0.41) and with v unbiased
-  # (0.03 vs 0.04, MAE 0.14), same data, steps and seed (1200 steps, 64 px, DDIM-25,
-  # mask_weight 20).
-  cfg.prediction = "v"
-  # Extra loss weight inside the inpainting mask: w = 1 + mask_weight * mask. Outside the mask
-  # the answer is in the conditioning; 20 cut the smoke model's in-mask MAE from 0.20 to 0.14.
-  cfg.mask_weight = 20.0
-  return cfg
 
 
 @flax.struct.dataclass
@@ -59,7 +43,7 @@ class Schedule:
   posterior_log_variance_clipped: jax.Array
   posterior_mean_coef1: jax.Array
   posterior_mean_coef2: jax.Array
-  num_timesteps: int = flax.struct.field(pytree_node=False, default=1000)
+  num_timesteps: int = flax.struct.field(pytree_node=False)
 
 
 def linear_betas(num_timesteps: int) -> np.ndarray:
@@ -75,7 +59,7 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
   return np.minimum(1 - abar[1:] / abar[:-1], max_beta)
 
 
-def make_schedule(kind: str = "cosine", num_timesteps: int = 1000) -> Schedule:
+def make_schedule(kind: str, num_timesteps: int) -> Schedule:
   """Builds a `Schedule` of `kind` in {'linear', 'cosine'} with T = `num_timesteps`."""
   if num_timesteps < 2:
     raise ValueError(f"make_schedule: num_timesteps must be >= 2, got {num_timesteps}")
@@ -128,7 +112,7 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
 
 
 def target(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array,
-           prediction: str = "eps") -> jax.Array:
+           prediction: str) -> jax.Array:
   """What the network should output for (x0, t, noise) under `prediction`."""
   _check_prediction(prediction)
   if prediction == "eps":
@@ -138,7 +122,7 @@ def target(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array,
 
 
 def predict_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, model_out: jax.Array,
-               prediction: str = "eps") -> jax.Array:
+               prediction: str) -> jax.Array:
   """x0 implied by the network output at (x_t, t)."""
   _check_prediction(prediction)
   n = x_t.ndim
@@ -150,7 +134,7 @@ def predict_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, model_out: jax.
 
 
 def predict_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array, model_out: jax.Array,
-                prediction: str = "eps") -> jax.Array:
+                prediction: str) -> jax.Array:
   """Noise implied by the network output at (x_t, t)."""
   _check_prediction(prediction)
   if prediction == "eps":
@@ -180,8 +164,8 @@ def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array,
 
 
 def diffusion_loss(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array],
-                   rng: jax.Array, schedule: Schedule, *, prediction: str = "eps",
-                   mask_weight: float = 0.0, train: bool = True
+                   rng: jax.Array, schedule: Schedule, *, prediction: str,
+                   mask_weight: float, train: bool = True
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted MSE between the network output and the `prediction` target at a random t.
 
@@ -191,8 +175,9 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array
     batch: image [B,H,W,1] in [-1,1], mask [B,H,W,1] in {0,1}, cond [B,H,W,C].
     rng: key for t, the noise and dropout.
     schedule: the noise schedule.
-    prediction: 'eps' or 'v'.
-    mask_weight: pixel weight is 1 + mask_weight * mask; the loss is divided by mean(w).
+    prediction: 'eps' or 'v' (config.diffusion.prediction).
+    mask_weight: pixel weight is 1 + mask_weight * mask; the loss is divided by mean(w)
+      (config.diffusion.mask_weight).
     train: passed to the model (dropout on/off).
 
   Returns:
@@ -208,7 +193,7 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array
 
 def loss_at(apply_fn: ApplyFn, params: Any, batch: Mapping[str, jax.Array], t: jax.Array,
             noise: jax.Array, dropout_key: jax.Array, schedule: Schedule, *,
-            prediction: str = "eps", mask_weight: float = 0.0, train: bool = True,
+            prediction: str, mask_weight: float, train: bool = True,
             weight_mean: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`diffusion_loss` at given timesteps `t` [B] and `noise` (callers that draw per example).
 

@@ -28,14 +28,14 @@ class Inpainter:
     config: the training config of the model.
     checkpoint: a training workdir or its `checkpoints` dir.
     step: checkpoint step (default: latest).
-    num_steps / sampler: override config.sampling for diffusion.
+    num_steps / sampler: override config.sampling (see `Task.generate_options`).
   """
 
   def __init__(self, config, checkpoint: str, *, step: int | None = None,
                num_steps: int | None = None, sampler: str | None = None):
     self.config = config
-    self.devices = parallel.local_devices(config.num_devices or None)
-    self.mode = config.parallel
+    self.parallel = parallel.create(config.parallel,
+                                    parallel.local_devices(config.num_devices or None))
     self.task = tasks.get_task(config)
     if not os.path.exists(checkpoint):
       raise FileNotFoundError(f"checkpoint path {checkpoint} does not exist")
@@ -44,18 +44,14 @@ class Inpainter:
     self.checkpoint = os.path.abspath(checkpoint)
     logging.info("restored %s step %d from %s", config.model_family, self.step, checkpoint)
     variables = self.task.sampling_variables(state)
-    self.variables_r = parallel.replicate(jax.device_get(variables), self.mode, self.devices)
-    static = {}
-    if config.model_family == "diffusion":
-      static = {"num_steps": num_steps or config.sampling.num_steps,
-                "sampler": sampler or config.sampling.sampler}
-    self._generate = parallel.device_map(
-        lambda v, b, k: self.task.generate(v, b, k, **static), self.mode, self.devices)
+    self.variables_r = self.parallel.replicate(jax.device_get(variables))
+    options = self.task.generate_options(num_steps, sampler)
+    self._generate = self.parallel.map(lambda v, b, k: self.task.generate(v, b, k, **options))
     self.per_device_batch = int(config.sampling.batch_size)
 
   @property
   def batch_size(self) -> int:
-    return self.per_device_batch * len(self.devices)
+    return self.per_device_batch * self.parallel.num_devices
 
   def inpaint(self, examples: Mapping[str, np.ndarray], seed: int, *,
               progress: bool = True, desc: str = "inpainting") -> np.ndarray:
@@ -67,7 +63,7 @@ class Inpainter:
     n = int(examples["image"].shape[0])
     if n == 0:
       return np.zeros((0,) + tuple(examples["image"].shape[1:]), np.float32)
-    bs, nd = self.batch_size, len(self.devices)
+    bs, nd = self.batch_size, self.parallel.num_devices
     key = jax.random.key(seed)
     outs = []
     t0 = time.time()
@@ -81,8 +77,8 @@ class Inpainter:
                  chunk.items()}
       batch = {k: v.reshape((nd, -1) + v.shape[1:]) for k, v in chunk.items()}
       key_data = jax.random.key_data(jax.random.fold_in(key, b))
-      out = self._generate(self.variables_r, parallel.shard(batch, self.mode, self.devices),
-                           parallel.replicate(key_data, self.mode, self.devices))
+      out = self._generate(self.variables_r, self.parallel.shard(batch),
+                           self.parallel.replicate(key_data))
       out = np.asarray(jax.device_get(out)).reshape((bs,) + chunk["image"].shape[1:])
       outs.append(out[:m])
       bar.update(m)

@@ -77,7 +77,7 @@ def patch_grid_size(image_size: int, n_layers: int = 3) -> int:
 
 class Norm(nn.Module):
   """Instance / batch normalisation from the current activations only (no running stats)."""
-  kind: str = "instance"
+  kind: str
   epsilon: float = 1e-5  # PyTorch's default, as in the reference implementation.
 
   @nn.compact
@@ -110,12 +110,13 @@ def example_dropout(x: jax.Array, keys: jax.Array, salt: int, rate: float) -> ja
 
 class UNetGenerator(nn.Module):
   """The Pix2Pix U-Net: cond -> full slice in (-1, 1)."""
+  # No defaults: the settings live in configs/default.py (`pix2pix_config`).
   num_downs: int
-  base_filters: int = 64
-  out_channels: int = 1
-  norm: str = "instance"
-  dropout_rate: float = 0.5
-  dropout_blocks: int = 3
+  base_filters: int
+  out_channels: int
+  norm: str
+  dropout_rate: float
+  dropout_blocks: int
 
   def features(self, level: int) -> int:
     return self.base_filters * min(2**level, _FILTER_MULT_CAP)
@@ -158,9 +159,9 @@ class UNetGenerator(nn.Module):
 
 class PatchDiscriminator(nn.Module):
   """PatchGAN on (condition, image) pairs: one real/fake logit per receptive-field patch."""
-  base_filters: int = 64
-  norm: str = "instance"
-  n_layers: int = 3
+  base_filters: int
+  norm: str
+  n_layers: int
 
   @nn.compact
   def __call__(self, cond: jax.Array, image: jax.Array) -> jax.Array:

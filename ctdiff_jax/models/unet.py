@@ -14,7 +14,7 @@ out = GroupNorm, SiLU, conv3x3.
 
 Residual blocks inject the time embedding either as AdaGN scale/shift
 (`norm(h) * (1 + scale) + shift`, ADM's `use_scale_shift_norm`, the default) or by adding it
-after the first conv (MONAI's choice, used by `reference_model_config` for parameter parity).
+after the first conv (MONAI's choice, the "reference" config variant, for parameter parity).
 
 Parameters are always float32; `dtype` only sets the compute dtype (bfloat16 halves activation
 memory on GPU). GroupNorm statistics are reduced in float32 whatever the compute dtype.
@@ -29,46 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_dict
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ATTENTION_IMPLS = (None, "xla", "cudnn")
-
-
-def default_model_config() -> ml_collections.ConfigDict:
-  """The reference channel layout with ADM-style AdaGN time injection (74.6M params)."""
-  cfg = ml_collections.ConfigDict()
-  cfg.channels = (64, 128, 256, 256, 512)
-  cfg.attention_levels = (False, False, False, True, True)
-  cfg.num_res_blocks = 2
-  cfg.head_dim = 32
-  cfg.dropout = 0.0
-  cfg.dtype = "float32"
-  # None lets jax pick; 'cudnn' needs a GPU and float16/bfloat16 compute.
-  cfg.attention_impl = config_dict.placeholder(str)
-  cfg.out_channels = 1
-  cfg.use_scale_shift_norm = True
-  return cfg
-
-
-def reference_model_config() -> ml_collections.ConfigDict:
-  """MONAI DiffusionModelUNet(channels=(64,128,256,256,512), num_head_channels=32) twin.
-
-  Additive time embedding as in MONAI, so the count is exactly MONAI's 72,730,113.
-  """
-  cfg = default_model_config()
-  cfg.use_scale_shift_norm = False
-  return cfg
-
-
-def smoke_model_config() -> ml_collections.ConfigDict:
-  """A tiny UNet for CPU tests on 32-64 px images."""
-  cfg = default_model_config()
-  cfg.channels = (16, 32, 32)
-  cfg.attention_levels = (False, False, True)
-  cfg.num_res_blocks = 1
-  cfg.head_dim = 16
-  return cfg
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:
@@ -159,15 +122,16 @@ class AttentionBlock(nn.Module):
 class UNet(nn.Module):
   """Conditional diffusion UNet; see the module docstring for the layout."""
 
-  channels: Sequence[int] = (64, 128, 256, 256, 512)
-  attention_levels: Sequence[bool] = (False, False, False, True, True)
-  num_res_blocks: int | Sequence[int] = 2
-  head_dim: int = 32
-  dropout: float = 0.0
-  dtype: str = "float32"
-  attention_impl: str | None = None
-  out_channels: int = 1
-  use_scale_shift_norm: bool = True
+  # No defaults: the settings live in configs/default.py (`model_config`).
+  channels: Sequence[int]
+  attention_levels: Sequence[bool]
+  num_res_blocks: int | Sequence[int]
+  head_dim: int
+  dropout: float
+  dtype: str
+  attention_impl: str | None
+  out_channels: int
+  use_scale_shift_norm: bool
 
   def _check(self) -> tuple[tuple[int, ...], Any]:
     levels = len(self.channels)
@@ -246,13 +210,16 @@ class UNet(nn.Module):
 
 
 def create_model(model_cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> UNet:
-  """UNet from a config shaped like `default_model_config()` (missing fields use defaults)."""
+  """UNet from `config.model` (configs/default.py): every field, no others."""
   cfg = dict(model_cfg.to_dict() if isinstance(model_cfg, ml_collections.ConfigDict)
              else model_cfg)
   known = {f for f in UNet.__dataclass_fields__ if f not in ("parent", "name")}
   unknown = set(cfg) - known
   if unknown:
     raise ValueError(f"create_model: unknown model config fields {sorted(unknown)}")
+  missing = known - set(cfg)
+  if missing:
+    raise ValueError(f"create_model: missing model config fields {sorted(missing)}")
   for key in ("channels", "attention_levels"):
     if key in cfg:
       cfg[key] = tuple(cfg[key])

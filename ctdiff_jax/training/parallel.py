@@ -2,18 +2,18 @@
 
 Every mapped function is written per device: it sees its local slice of the batch and
 reduces across devices with `lax.pmean(..., axis_name=AXIS)`. State and batches carry a
-leading device axis of size `len(devices)` in both modes, so callers never branch on the mode:
+leading device axis of size `len(devices)` in both modes, so callers never branch on the mode;
+the mode is fixed once, in the `DataParallel` that `create(config.parallel, devices)` returns:
 
   * `pmap`: the design's original mapping (since JAX 0.8 a wrapper over jit + shard_map);
   * `shard_map`: `jax.shard_map` over a 1-D `Mesh(devices, (AXIS,))` inside `jax.jit`, each
     shard seeing a leading axis of 1 that is squeezed away before the per-device function.
 
-Both give the same numbers (tests/test_train.py checks it).
+Both give the same numbers (tests/training/test_train.py checks it).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -38,40 +38,59 @@ def _mesh(devices: Sequence[jax.Device]) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,))
 
 
-def device_map(fn: Callable[..., Any], mode: str, devices: Sequence[jax.Device], *,
-               donate_argnums: tuple[int, ...] = (), static_broadcasted: dict | None = None
-               ) -> Callable[..., Any]:
-  """Maps per-device `fn(*args)` over `devices`; every arg and output has a leading device axis."""
-  if mode not in MODES:
-    raise ValueError(f"config.parallel must be one of {MODES}, got {mode!r}")
-  if static_broadcasted:
-    fn = functools.partial(fn, **static_broadcasted)
-  if mode == "pmap":
-    return jax.pmap(fn, axis_name=AXIS, devices=list(devices), donate_argnums=donate_argnums)
+class DataParallel:
+  """The data-parallel layer of one run: its mode and devices, fixed once (`create`).
 
-  mesh = _mesh(devices)
+  `map(fn)` maps a per-device function, `shard` / `replicate` put host pytrees on the devices
+  with the leading device axis `map`ped functions expect.
+  """
 
-  def per_shard(*args):
-    args = jax.tree.map(lambda x: x[0], args)
-    out = fn(*args)
-    return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
+  def __init__(self, mode: str, devices: Sequence[jax.Device]):
+    if mode not in MODES:
+      raise ValueError(f"config.parallel must be one of {MODES}, got {mode!r}")
+    self.mode = mode
+    self.devices = list(devices)
+    self._sharding = NamedSharding(_mesh(self.devices), P(AXIS))
 
-  mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS))
-  return jax.jit(mapped, donate_argnums=donate_argnums)
+  def __repr__(self) -> str:
+    return f"DataParallel(mode={self.mode!r}, devices={len(self.devices)})"
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  def map(self, fn: Callable[..., Any], *, donate_argnums: tuple[int, ...] = ()
+          ) -> Callable[..., Any]:
+    """Maps per-device `fn(*args)`; every arg and output has a leading device axis."""
+    if self.mode == "pmap":
+      return jax.pmap(fn, axis_name=AXIS, devices=self.devices, donate_argnums=donate_argnums)
+
+    def per_shard(*args):
+      args = jax.tree.map(lambda x: x[0], args)
+      out = fn(*args)
+      return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
+
+    mapped = jax.shard_map(per_shard, mesh=self._sharding.mesh, in_specs=P(AXIS),
+                           out_specs=P(AXIS))
+    return jax.jit(mapped, donate_argnums=donate_argnums)
+
+  def shard(self, tree: Any) -> Any:
+    """Puts host arrays with a leading device axis onto the devices (one slice each).
+
+    Both modes accept arrays sharded along a 1-D mesh (pmap is jit + shard_map now).
+    """
+    return jax.tree.map(lambda x: jax.device_put(x, self._sharding), tree)
+
+  def replicate(self, tree: Any) -> Any:
+    """Copies a single (unreplicated) pytree to every device, adding the leading device axis."""
+    n = self.num_devices
+    return self.shard(
+        jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree))
 
 
-def shard(tree: Any, mode: str, devices: Sequence[jax.Device]) -> Any:
-  """Puts host arrays with a leading device axis onto the devices (one slice each)."""
-  del mode  # Both modes accept arrays sharded along a 1-D mesh (pmap is jit + shard_map now).
-  sharding = NamedSharding(_mesh(devices), P(AXIS))
-  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
-
-
-def replicate(tree: Any, mode: str, devices: Sequence[jax.Device]) -> Any:
-  """Copies a single (unreplicated) pytree to every device, adding the leading device axis."""
-  n = len(devices)
-  stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
-  return shard(stacked, mode, devices)
+def create(mode: str, devices: Sequence[jax.Device]) -> DataParallel:
+  """The data-parallel layer for `config.parallel` (`mode`) over `devices`."""
+  return DataParallel(mode, devices)
 
 
 def unreplicate(tree: Any) -> Any:

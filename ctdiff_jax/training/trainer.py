@@ -32,11 +32,11 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient."""
 
 
-def setup_devices(config) -> tuple[list, str]:
+def setup_devices(config) -> parallel.DataParallel:
+  """Joins the multi-host run if asked, then the data-parallel layer over local devices."""
   if config.distributed:
     jax.distributed.initialize()
-  devices = parallel.local_devices(config.num_devices or None)
-  return devices, config.parallel
+  return parallel.create(config.parallel, parallel.local_devices(config.num_devices or None))
 
 
 def _pull(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
@@ -53,6 +53,84 @@ def _sample_grid(state_r, batch, p_generate, key_data_r, num: int) -> np.ndarray
   return figures.comparison_grid([flat["image"], masked, flat["out"]], masks=flat["mask"])
 
 
+class _MetricLog:
+  """Per-step metrics kept on device, pulled, checked and written every `log_every_steps`."""
+
+  def __init__(self, task, manager, workdir: str, writer: writers.Writer, bar, step: int):
+    self.collection = task.metrics_collection
+    self.manager, self.workdir, self.writer, self.bar = manager, workdir, writer, bar
+    self.pending: list[tuple[int, dict]] = []
+    self.t_log, self.s_log = time.time(), step
+
+  def add(self, step: int, step_metrics: dict) -> None:
+    self.pending.append((step, step_metrics))
+
+  def write(self, step: int) -> None:
+    """Pulls the pending metrics; raises NonFiniteLossError at the first non-finite step."""
+    metrics = None
+    for s, m in _pull(self.pending):
+      if not bool(m["finite"]):
+        raise NonFiniteLossError(
+            f"non-finite loss/gradients at step {s} (loss={float(m['loss'])}); the update was "
+            f"skipped and training stopped. Last good checkpoint: step "
+            f"{self.manager.latest_step()} in {checkpointing.checkpoint_dir(self.workdir)}. "
+            f"Check the input data (NaN/Inf in a batch?) and the learning rate.")
+      update = self.collection.single_from_model_output(
+          **{k: v for k, v in m.items() if k != "finite"})
+      metrics = update if metrics is None else metrics.merge(update)
+    self.pending = []
+    now = time.time()
+    scalars = metrics.compute()
+    scalars["steps_per_sec"] = (step - self.s_log) / max(now - self.t_log, 1e-9)
+    self.writer.write_scalars(step, scalars)
+    self.bar.set_postfix({k: f"{float(scalars[k]):.4g}" for k in ("loss", "g_l1", "d_loss")
+                          if k in scalars})
+    self.t_log, self.s_log = now, step
+
+
+def _restore_or_init(task, manager, data_iter, init_key: jax.Array) -> tuple[Any, int]:
+  """The latest checkpoint's state and step (the iterator restored too), else a fresh state."""
+  if manager.latest_step() is None:
+    return jax.jit(task.init_state)(init_key), 0
+  # Restoring needs only shapes: skip compiling the initialisers.
+  abstract = jax.eval_shape(task.init_state, init_key)
+  state, step = checkpointing.restore(manager, abstract, data_iter)
+  logging.info("resuming at step %d", step)
+  return state, step
+
+
+def _train(config, workdir: str, task, par: parallel.DataParallel, state, initial_step: int,
+           run_key: jax.Array, batches: Iterator, data_iter, manager, writer) -> Any:
+  """Steps `initial_step + 1 .. num_train_steps` with logging, checkpoints and sample grids."""
+  state_r = par.replicate(jax.device_get(state))
+  key_data_r = par.replicate(jax.random.key_data(run_key))
+  p_train = par.map(task.train_step, donate_argnums=(0,))
+  p_generate = par.map(lambda s, b, k: task.generate(task.sampling_variables(s), b, k))
+  hooks = writers.periodic_actions(workdir, config.num_train_steps, writer, config.profile)
+  with tqdm.tqdm(total=config.num_train_steps, initial=initial_step, unit="step",
+                 desc=f"train {config.model_family}", disable=jax.process_index() != 0,
+                 mininterval=2.0) as bar:
+    log = _MetricLog(task, manager, workdir, writer, bar, initial_step)
+    for step in range(initial_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = par.shard(next(batches))
+        state_r, step_metrics = p_train(state_r, batch, key_data_r)
+      log.add(step, step_metrics)
+      bar.update(1)
+      for hook in hooks:
+        hook(step)
+      is_last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or is_last:
+        log.write(step)
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        checkpointing.save(manager, step, jax.device_get(parallel.unreplicate(state_r)),
+                           data_iter)
+      if config.sample_every_steps and (step % config.sample_every_steps == 0 or is_last):
+        grid = _sample_grid(state_r, batch, p_generate, key_data_r, config.num_grid_images)
+        writer.write_images(step, {"samples": grid})
+  return jax.device_get(parallel.unreplicate(state_r))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        iterator_wrapper: Callable[[Iterator], Iterator] | None = None) -> Any:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
@@ -60,99 +138,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `iterator_wrapper` (tests) wraps the batch iterator, e.g. to inject a bad batch.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  devices, mode = setup_devices(config)
-  n_dev = len(devices)
+  par = setup_devices(config)
   logging.info("training %s on %d %s device(s), parallel=%s, workdir=%s", config.model_family,
-               n_dev, devices[0].platform, mode, workdir)
+               par.num_devices, par.devices[0].platform, par.mode, workdir)
 
   source, _ = sources.open_split(config, config.train_split)
   loader = pipeline.create_loader(
-      source, config.data, batch_shape=(n_dev, config.per_device_batch_size), seed=config.seed,
-      worker_count=config.data.worker_count)
+      source, config.data, batch_shape=(par.num_devices, config.per_device_batch_size),
+      seed=config.seed, worker_count=config.data.worker_count)
   data_iter = iter(loader)
 
   task = tasks.get_task(config)
-  key = jax.random.key(config.seed)
-  init_key, run_key = jax.random.split(key)
+  init_key, run_key = jax.random.split(jax.random.key(config.seed))
   manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints,
                                          async_save=config.async_checkpointing)
-  initial_step = 0
-  if manager.latest_step() is not None:
-    # Restoring needs only shapes: skip compiling the initialisers.
-    abstract = jax.eval_shape(task.init_state, init_key)
-    state, initial_step = checkpointing.restore(manager, abstract, data_iter)
-    logging.info("resuming at step %d", initial_step)
-  else:
-    state = jax.jit(task.init_state)(init_key)
+  state, initial_step = _restore_or_init(task, manager, data_iter, init_key)
   writer = writers.Writer(workdir)
-  if jax.process_index() == 0:
-    for name in task.nets:
-      parameter_overview.log_parameter_overview(state.nets[name].params, msg=f"{name} params")
-    writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
-  if initial_step >= config.num_train_steps:
-    logging.info("already trained to step %d >= num_train_steps", initial_step)
-    manager.close()
-    writer.close()
-    return state
-
-  state_r = parallel.replicate(jax.device_get(state), mode, devices)
-  key_data_r = parallel.replicate(jax.random.key_data(run_key), mode, devices)
-  p_train = parallel.device_map(task.train_step, mode, devices, donate_argnums=(0,))
-  p_generate = parallel.device_map(
-      lambda s, b, k: task.generate(task.sampling_variables(s), b, k), mode, devices)
-  hooks = writers.periodic_actions(workdir, config.num_train_steps, writer, config.profile)
-  batches = iterator_wrapper(data_iter) if iterator_wrapper else data_iter
-
-  collection = task.metrics_collection
-  pending: list[tuple[int, dict]] = []
-  metrics = None
-  bar = tqdm.tqdm(total=config.num_train_steps, initial=initial_step, unit="step",
-                  desc=f"train {config.model_family}", disable=jax.process_index() != 0,
-                  mininterval=2.0)
-  t_log, s_log = time.time(), initial_step
-  step = initial_step
-  last_batch = None
   try:
-    for step in range(initial_step + 1, config.num_train_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = parallel.shard(next(batches), mode, devices)
-        state_r, step_metrics = p_train(state_r, batch, key_data_r)
-      last_batch = batch
-      pending.append((step, step_metrics))
-      bar.update(1)
-      for hook in hooks:
-        hook(step)
-      is_last = step == config.num_train_steps
-      if step % config.log_every_steps == 0 or is_last:
-        for s, m in _pull(pending):
-          if not bool(m["finite"]):
-            raise NonFiniteLossError(
-                f"non-finite loss/gradients at step {s} (loss={float(m['loss'])}); the update was "
-                f"skipped and training stopped. Last good checkpoint: step "
-                f"{manager.latest_step()} in {checkpointing.checkpoint_dir(workdir)}. Check the "
-                f"input data (NaN/Inf in a batch?) and the learning rate.")
-          update = collection.single_from_model_output(
-              **{k: v for k, v in m.items() if k != "finite"})
-          metrics = update if metrics is None else metrics.merge(update)
-        pending = []
-        now = time.time()
-        scalars = metrics.compute()
-        scalars["steps_per_sec"] = (step - s_log) / max(now - t_log, 1e-9)
-        writer.write_scalars(step, scalars)
-        bar.set_postfix({k: f"{float(scalars[k]):.4g}" for k in ("loss", "g_l1", "d_loss")
-                         if k in scalars})
-        metrics, t_log, s_log = None, now, step
-      if step % config.checkpoint_every_steps == 0 or is_last:
-        checkpointing.save(manager, step, jax.device_get(parallel.unreplicate(state_r)),
-                           data_iter)
-      if config.sample_every_steps and (step % config.sample_every_steps == 0 or is_last):
-        grid = _sample_grid(state_r, last_batch, p_generate, key_data_r,
-                            config.num_grid_images)
-        writer.write_images(step, {"samples": grid})
+    if jax.process_index() == 0:
+      for name in task.nets:
+        parameter_overview.log_parameter_overview(state.nets[name].params, msg=f"{name} params")
+      writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
+    if initial_step >= config.num_train_steps:
+      logging.info("already trained to step %d >= num_train_steps", initial_step)
+      return state
+    batches = iterator_wrapper(data_iter) if iterator_wrapper else data_iter
+    return _train(config, workdir, task, par, state, initial_step, run_key, batches, data_iter,
+                  manager, writer)
   finally:
-    bar.close()
     manager.wait_until_finished()
     manager.close()
     writer.flush()
     writer.close()
-  return jax.device_get(parallel.unreplicate(state_r))

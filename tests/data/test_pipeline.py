@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from configs import default
 from ctdiff_jax.ingest import naming
 from ctdiff_jax.ingest import records
 from ctdiff_jax.data import pipeline, transforms
@@ -42,7 +43,7 @@ def _source(n: int = 12) -> pipeline.ListSource:
 
 
 def _cfg(**kw):
-  cfg = pipeline.default_data_config()
+  cfg = default.get_config().data
   cfg.image_size = H
   for k, v in kw.items():
     setattr(cfg, k, v)
@@ -276,7 +277,8 @@ _TFDS_SCRIPT = textwrap.dedent("""
     by_index = {int(src[i]['slice_index']): src[i] for i in range(len(src))}
     equal = all(np.array_equal(by_index[i][k], _record(i)[k])
                 for i in range(6) for k in records.IMAGE_KEYS + (records.LABELS,))
-    cfg = pipeline.default_data_config()
+    from configs import default
+    cfg = default.get_config().data
     cfg.neighbours = True
     loader = pipeline.create_loader(src, cfg, batch_shape=(2, 3), seed=0, num_epochs=1)
     batches = list(loader)

@@ -7,11 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctdiff_jax.diffusion import schedule as schedule_lib
+from configs import default
 from ctdiff_jax.diffusion import sampling
+from ctdiff_jax.diffusion import schedule as schedule_lib
 from ctdiff_jax.models import unet
 
 SIZE = 32
+# The sampler's options are required (their defaults live in configs/default.py only).
+OPTS = dict(sampler="ddim", num_steps=5, eta=0.0, prediction="eps", repaint=False, resample=1)
+
+
+def opts(**overrides):
+  return {**OPTS, **overrides}
 
 
 def _random_variables(model, seed):
@@ -43,7 +50,7 @@ def _batch(seed, b=2, size=SIZE):
 
 @pytest.fixture(scope="module")
 def smoke():
-  model = unet.create_model(unet.smoke_model_config())
+  model = unet.create_model(default.get_config("smoke").model)
   return model.apply, _random_variables(model, 0)
 
 
@@ -51,8 +58,7 @@ def smoke():
 def ddim_run(smoke):
   """One compiled DDIM sampler, reused by several tests."""
   apply_fn, variables = smoke
-  fn = sampling.make_sampler(apply_fn, schedule_lib.make_schedule("cosine", 1000), sampler="ddim",
-                             num_steps=5, eta=0.0)
+  fn = sampling.make_sampler(apply_fn, schedule_lib.make_schedule("cosine", 1000), **opts())
   return fn, variables
 
 
@@ -82,7 +88,8 @@ def test_loop_is_not_unrolled(smoke):
   batch = _batch(0)
 
   def jaxpr_text(num_steps, **kw):
-    fn = lambda v, b, r: sampling.sample(apply_fn, v, sched, b, r, num_steps=num_steps, **kw)
+    fn = lambda v, b, r: sampling.sample(apply_fn, v, sched, b, r,
+                                         **opts(num_steps=num_steps, **kw))
     return str(jax.make_jaxpr(fn)(variables, batch, jax.random.key(0)))
 
   two, seven = jaxpr_text(2), jaxpr_text(7)
@@ -95,8 +102,8 @@ def test_loop_is_not_unrolled(smoke):
 
 def test_repaint_with_resampling(smoke):
   apply_fn, variables = smoke
-  fn = sampling.make_sampler(apply_fn, schedule_lib.make_schedule("cosine", 1000), num_steps=3,
-                             repaint=True, resample=2)
+  fn = sampling.make_sampler(apply_fn, schedule_lib.make_schedule("cosine", 1000),
+                             **opts(num_steps=3, repaint=True, resample=2))
   batch = _batch(1)
   out = fn(variables, batch, jax.random.key(3))
   assert out.shape == batch["image"].shape and bool(jnp.all(jnp.isfinite(out)))
@@ -104,10 +111,63 @@ def test_repaint_with_resampling(smoke):
   np.testing.assert_array_equal(out, fn(variables, batch, jax.random.key(3)))
 
 
+def _mixing_apply(variables, x_t, t, cond, train):
+  """A toy 'network' whose output depends on every pixel: the known region reaches the hole."""
+  del variables, train
+  mean = jnp.mean(x_t, axis=(1, 2), keepdims=True)
+  return jnp.tanh(0.5 * x_t + 0.5 * mean + cond[..., :1]) * (1 + t[:, None, None, None] / 20.0)
+
+
+def _repaint_reference(sched, batch, rng, num_steps, resample):
+  """RePaint (Lugmayr et al. 2022) + DDIM(eta=0) + v-prediction written out in float64 numpy.
+
+  At every step and jump the known region of x_t is replaced by q_sample(image, t); after
+  each denoise but the last jump of a step, x_{t_prev} is re-noised back to level t. The
+  Gaussian draws come from the keys `sample` documents (fold_in of step, then of jump).
+  """
+  f64 = lambda a: np.asarray(a, np.float64)
+  abar = f64(sched.alphas_cumprod)
+  image, cond = f64(batch["image"]), f64(batch["cond"])
+  gen = f64(batch["mask"]) > 0.5
+  normal = lambda key: f64(jax.random.normal(key, image.shape, jnp.float32))
+  ts = sampling.timestep_sequence(sched.num_timesteps, "ddim", num_steps)
+  init_key, loop_key = jax.random.split(rng)
+  x = normal(init_key)
+  for i, t in enumerate(ts):
+    a = abar[t]
+    a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
+    for u in range(resample):
+      known_key, _, renoise_key = jax.random.split(
+          jax.random.fold_in(jax.random.fold_in(loop_key, i), u), 3)
+      x = np.where(gen, x, np.sqrt(a) * image + np.sqrt(1 - a) * normal(known_key))
+      v = np.tanh(0.5 * x + 0.5 * x.mean(axis=(1, 2), keepdims=True) + cond[..., :1]) * (
+          1 + t / 20.0)
+      x0 = np.clip(np.sqrt(a) * x - np.sqrt(1 - a) * v, -1, 1)
+      eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+      x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+      if u < resample - 1:
+        x = np.sqrt(a / a_prev) * x + np.sqrt(1 - a / a_prev) * normal(renoise_key)
+  return np.where(gen, x, image)
+
+
+@pytest.mark.parametrize("resample", [1, 3])
+def test_repaint_matches_numpy_reference(resample):
+  sched = schedule_lib.make_schedule("cosine", 20)
+  batch, rng = _batch(5, size=16), jax.random.key(11)
+  run = lambda **kw: np.asarray(jax.jit(lambda b, r: sampling.sample(
+      _mixing_apply, {}, sched, b, r, **opts(num_steps=3, prediction="v", **kw)))(batch, rng))
+  out = run(repaint=True, resample=resample)
+  ref = _repaint_reference(sched, batch, rng, num_steps=3, resample=resample)
+  np.testing.assert_allclose(out, ref, atol=2e-4)
+  # RePaint changes the generated region: it is not the plain conditional sampler.
+  inside = np.asarray(batch["mask"]) > 0.5
+  assert np.abs(out - run(repaint=False, resample=1))[inside].max() > 1e-2
+
+
 def test_ddpm_small_schedule(smoke):
   apply_fn, variables = smoke
-  fn = sampling.make_sampler(apply_fn, schedule_lib.make_schedule("cosine", 20), sampler="ddpm",
-                             prediction="v")
+  fn = sampling.make_sampler(apply_fn, schedule_lib.make_schedule("cosine", 20),
+                             **opts(sampler="ddpm", prediction="v"))
   batch = _batch(2)
   a, b = fn(variables, batch, jax.random.key(4)), fn(variables, batch, jax.random.key(5))
   assert bool(jnp.all(jnp.isfinite(a)))
@@ -134,8 +194,8 @@ def test_oracle_model_reconstructs_x0(prediction, sampler, num_timesteps, eta):
   batch = _batch(3)
   batch["mask"] = jnp.ones_like(batch["mask"])  # generate everything
   fn = jax.jit(lambda b, r: sampling.sample(
-      _oracle(sched, b["image"], prediction), {}, sched, b, r, sampler=sampler, num_steps=5,
-      eta=eta, prediction=prediction))
+      _oracle(sched, b["image"], prediction), {}, sched, b, r,
+      **opts(sampler=sampler, eta=eta, prediction=prediction)))
   out = fn(batch, jax.random.key(6))
   np.testing.assert_allclose(out, batch["image"], atol=1e-4)
 
@@ -149,8 +209,8 @@ def test_ddim_eta1_all_steps_equals_ddpm():
   # With eta = 1 and every timestep, DDIM's update is DDPM's posterior sample (same noise).
   sched = schedule_lib.make_schedule("cosine", 20)
   batch = _batch(4)
-  run = lambda **kw: jax.jit(lambda b, r: sampling.sample(_toy_apply, {}, sched, b, r, **kw))(
-      batch, jax.random.key(7))
+  run = lambda **kw: jax.jit(lambda b, r: sampling.sample(_toy_apply, {}, sched, b, r,
+                                                          **opts(**kw)))(batch, jax.random.key(7))
   ddpm = run(sampler="ddpm")
   ddim = run(sampler="ddim", num_steps=20, eta=1.0)
   np.testing.assert_allclose(ddim, ddpm, atol=2e-4)
@@ -167,14 +227,17 @@ def test_timestep_sequence():
 def test_bad_options_raise():
   sched = schedule_lib.make_schedule("cosine", 20)
   with pytest.raises(ValueError, match="num_steps must be in"):
-    sampling.make_sampler(_toy_apply, sched, num_steps=21)
+    sampling.make_sampler(_toy_apply, sched, **opts(num_steps=21))
   with pytest.raises(ValueError, match="unknown sampler 'plms'"):
-    sampling.make_sampler(_toy_apply, sched, sampler="plms")
+    sampling.make_sampler(_toy_apply, sched, **opts(sampler="plms"))
   with pytest.raises(ValueError, match="resample > 1 only makes sense"):
-    sampling.make_sampler(_toy_apply, sched, num_steps=4, resample=2)
-  with pytest.raises(ValueError, match="unknown options"):
-    sampling.make_sampler(_toy_apply, sched, steps=4)
+    sampling.make_sampler(_toy_apply, sched, **opts(num_steps=4, resample=2))
+  with pytest.raises(TypeError, match="steps"):  # Options are named: no silent typos.
+    sampling.make_sampler(_toy_apply, sched, steps=4, **opts())
+  with pytest.raises(TypeError, match="prediction"):  # No default: configs/default.py has it.
+    sampling.make_sampler(_toy_apply, sched, **{k: v for k, v in OPTS.items()
+                                                if k != "prediction"})
   with pytest.raises(ValueError, match="batch lacks 'cond'"):
     sampling.sample(_toy_apply, {}, sched, {"image": jnp.zeros((1, 4, 4, 1)),
                                             "mask": jnp.zeros((1, 4, 4, 1))},
-                    jax.random.key(0), num_steps=4)
+                    jax.random.key(0), **opts(num_steps=4))

@@ -180,7 +180,8 @@ def test_loss_of_zero_model_is_noise_power_and_seeded():
   sched = schedule_lib.make_schedule("cosine", 1000)
   batch = _batch(jax.random.key(6), b=8, h=32)
   zero_fn = lambda v, x_t, t, cond, train, rngs: jnp.zeros_like(x_t)
-  run = lambda k: schedule_lib.diffusion_loss(zero_fn, {}, batch, k, sched)[0]
+  run = lambda k: schedule_lib.diffusion_loss(zero_fn, {}, batch, k, sched, prediction="eps",
+                                              mask_weight=0.0)[0]
   loss = float(run(jax.random.key(7)))
   # E[eps^2] = 1; 8192 samples give a std error of sqrt(2/8192) ~= 0.016.
   assert loss == pytest.approx(1.0, abs=0.08)

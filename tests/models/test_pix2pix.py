@@ -7,22 +7,23 @@ import numpy as np
 import optax
 import pytest
 
+from configs import default
+from ctdiff_jax.models import pix2pix
 from ctdiff_jax.training import checkpointing
 from ctdiff_jax.training import parallel
-from ctdiff_jax.models import pix2pix
 from ctdiff_jax.training.tasks import pix2pix as pix2pix_task
 
 COND_CHANNELS = 2  # [masked image, mask]
 
 
 def make_config(image_size: int = 32, **pix2pix_overrides) -> ml_collections.ConfigDict:
-  """Only the fields the task reads (no dependency on configs/default.py)."""
+  """Only the fields the task reads; the pix2pix settings are configs/default.py's."""
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model_family = "pix2pix"
   config.image_size = image_size
   config.num_train_steps = 100
-  config.pix2pix = pix2pix_task.default_config()
+  config.pix2pix = default.pix2pix_config()
   config.pix2pix.base_filters = 4
   config.pix2pix.update(pix2pix_overrides)
   return config
@@ -72,13 +73,13 @@ class Harness:
 
   def run(self, batch, num_steps, mode="pmap", n_dev=1, state=None):
     """`num_steps` train steps on `batch` over `n_dev` devices -> (host state, host metrics)."""
-    devices = parallel.local_devices(n_dev)
+    par = parallel.create(mode, parallel.local_devices(n_dev))
     if (mode, n_dev) not in self._steps:
-      self._steps[mode, n_dev] = parallel.device_map(self.task.train_step, mode, devices)
+      self._steps[mode, n_dev] = par.map(self.task.train_step)
     step = self._steps[mode, n_dev]
-    state_r = parallel.replicate(self.state if state is None else state, mode, devices)
-    key_r = parallel.replicate(jax.random.key_data(jax.random.key(1)), mode, devices)
-    batch_r = parallel.shard(split(batch, n_dev), mode, devices)
+    state_r = par.replicate(self.state if state is None else state)
+    key_r = par.replicate(jax.random.key_data(jax.random.key(1)))
+    batch_r = par.shard(split(batch, n_dev))
     history = []
     for _ in range(num_steps):
       state_r, metrics = step(state_r, batch_r, key_r)
@@ -135,8 +136,9 @@ def test_param_counts_match_reference_pix2pix():
            + conv(256, 512, False) + 1024 + conv(512, 1, True))
   assert round(ref_g / 1e6, 3) == 54.414 and round(ref_d / 1e6, 3) == 2.769
 
-  gen = pix2pix.UNetGenerator(num_downs=8, base_filters=64, out_channels=3, norm="batch")
-  disc = pix2pix.PatchDiscriminator(base_filters=64, norm="batch")
+  gen = pix2pix.UNetGenerator(num_downs=8, base_filters=64, out_channels=3, norm="batch",
+                              dropout_rate=0.5, dropout_blocks=3)
+  disc = pix2pix.PatchDiscriminator(base_filters=64, norm="batch", n_layers=3)
   x = jnp.zeros((1, 256, 256, 3))
   g_params = jax.eval_shape(gen.init, jax.random.key(0), x)
   d_params = jax.eval_shape(disc.init, jax.random.key(0), x, x)
@@ -155,7 +157,7 @@ def test_patchgan_receptive_field_is_70():
   assert field == pix2pix.receptive_field(layers) == 70
   # Empirically: one interior logit depends on exactly a 70x70 input patch (no norm, which
   # would couple every pixel through its statistics).
-  disc = pix2pix.PatchDiscriminator(base_filters=2, norm="none")
+  disc = pix2pix.PatchDiscriminator(base_filters=2, norm="none", n_layers=3)
   cond = jnp.zeros((1, 128, 128, 1))
   image = jax.random.normal(jax.random.key(0), (1, 128, 128, 1))
   params = disc.init(jax.random.key(1), cond, image)
@@ -222,7 +224,7 @@ def test_flattened_adam_matches_adam():
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(4, 4, 2, 3)).astype(np.float32),
             "b": rng.normal(size=(3,)).astype(np.float32)}
-  tx, _ = pix2pix_task.make_optimizer(pix2pix_task.default_config(), 10)
+  tx, _ = pix2pix_task.make_optimizer(default.pix2pix_config(), 10)
   ref = optax.adam(2e-4, b1=0.5, b2=0.999)
   p_tx, p_ref, s_tx, s_ref = params, params, tx.init(params), ref.init(params)
   for i in range(3):
@@ -295,15 +297,12 @@ def test_non_finite_step_leaves_state_untouched(harness):
 # --- generation and resume -----------------------------------------------------------------
 def make_generate(task):
   """Host function (state, batch, seed) -> [B, H, W, 1] via the 1-device mapped generate."""
-  devices = parallel.local_devices(1)
-  mapped = parallel.device_map(
-      lambda s, b, k: task.generate(task.sampling_variables(s), b, k, num_steps=5), "pmap",
-      devices)
+  par = parallel.create("pmap", parallel.local_devices(1))
+  mapped = par.map(lambda s, b, k: task.generate(task.sampling_variables(s), b, k))
 
   def generate(state, batch, seed):
-    out = mapped(parallel.replicate(state, "pmap", devices),
-                 parallel.shard(split(batch, 1), "pmap", devices),
-                 parallel.replicate(jax.random.key_data(jax.random.key(seed)), "pmap", devices))
+    out = mapped(par.replicate(state), par.shard(split(batch, 1)),
+                 par.replicate(jax.random.key_data(jax.random.key(seed))))
     return np.asarray(out)[0]
   return generate
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
 from ctdiff_jax.models import unet
 
 MONAI_REFERENCE_PARAMS = 72_730_113  # MONAI DiffusionModelUNet, reference config, in_channels=3
@@ -52,7 +53,8 @@ def _abstract_count(cfg, cond_channels=2):
 
 
 def test_reference_config_matches_monai_param_count():
-  cfg = unet.reference_model_config()
+  cfg = default.get_config("reference").model
+  cfg.dtype, cfg.attention_impl = "float32", None
   n = _abstract_count(cfg)
   assert n == _count_ref(cfg.channels, cfg.attention_levels, 2, 3, False)
   assert n == MONAI_REFERENCE_PARAMS
@@ -62,11 +64,11 @@ def test_reference_config_matches_monai_param_count():
 
 
 def test_default_and_smoke_param_counts():
-  cfg = unet.default_model_config()
+  cfg = default.get_config().model
   assert _abstract_count(cfg) == _count_ref(cfg.channels, cfg.attention_levels, 2, 3, True)
   # AdaGN adds one (temb -> out) projection per block: about 2.5% more than MONAI.
   assert abs(_abstract_count(cfg) / MONAI_REFERENCE_PARAMS - 1.025) < 0.005
-  cfg = unet.smoke_model_config()
+  cfg = default.get_config("smoke").model
   assert _abstract_count(cfg, 3) == _count_ref(cfg.channels, cfg.attention_levels, 1, 4, True)
 
 
@@ -128,7 +130,7 @@ def random_like(shapes, seed):
 
 @pytest.fixture(scope="module")
 def smoke():
-  cfg = unet.smoke_model_config()
+  cfg = default.get_config("smoke").model
   model = unet.create_model(cfg)
   variables = random_variables(model, 0)
   k1, k2 = jax.random.split(jax.random.key(2))
@@ -164,12 +166,56 @@ def test_bfloat16_compute_close_to_float32(smoke):
   assert 0 < rel < 0.05  # bf16 has ~3 significant digits; 0 would mean bf16 was not used
 
 
-def test_xla_attention_impl_matches_default(smoke):
+def _reference_attention(q, k, v, **unused):
+  """softmax(q k^T / sqrt(d)) v per head, written out: [B, L, heads, d] in and out."""
+  del unused
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _forward_with_attention(monkeypatch, cfg, smoke, attention):
+  """UNet(cfg) on the smoke inputs with jax.nn.dot_product_attention replaced by `attention`.
+
+  Returns (output, the `implementation` of every attention call). A fresh function is jitted,
+  so it is traced (and the patched attention called) anew.
+  """
+  seen = []
+
+  def spy(q, k, v, *args, implementation=None, **kw):
+    seen.append(implementation)
+    return attention(q, k, v, *args, implementation=implementation, **kw)
+
+  model = unet.create_model(cfg)
+  with monkeypatch.context() as patch:
+    patch.setattr(jax.nn, "dot_product_attention", spy)
+    out = jax.jit(lambda *a: model.apply(*a))(
+        smoke["variables"], smoke["x"], smoke["t"], smoke["cond"])
+  return out, seen
+
+
+@pytest.mark.parametrize("impl,dtype", [(None, "float32"), ("xla", "float32"),
+                                        ("cudnn", "bfloat16")])
+def test_attention_impl_is_dispatched(monkeypatch, smoke, impl, dtype):
+  # The reference stands in for the kernel, so even 'cudnn' traces on a CPU host.
+  cfg = smoke["cfg"].copy_and_resolve_references()
+  cfg.attention_impl, cfg.dtype = impl, dtype
+  _, seen = _forward_with_attention(monkeypatch, cfg, smoke, _reference_attention)
+  # Middle block + per attention level num_res_blocks down and num_res_blocks + 1 up blocks.
+  n_attn = 1 + sum(cfg.attention_levels) * (2 * cfg.num_res_blocks + 1)
+  assert seen == [impl] * n_attn
+
+
+def test_xla_attention_impl_matches_reference_attention(monkeypatch, smoke):
   cfg = smoke["cfg"].copy_and_resolve_references()
   cfg.attention_impl = "xla"
-  out = jax.jit(unet.create_model(cfg).apply)(
-      smoke["variables"], smoke["x"], smoke["t"], smoke["cond"])
-  np.testing.assert_allclose(out, smoke["out"], atol=1e-5)
+  out, seen = _forward_with_attention(monkeypatch, cfg, smoke, jax.nn.dot_product_attention)
+  assert set(seen) == {"xla"}
+  ref, _ = _forward_with_attention(monkeypatch, cfg, smoke, _reference_attention)
+  assert float(jnp.max(jnp.abs(ref - smoke["out"]))) < 1e-4
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  # Attention matters here: without it the output is far from the reference.
+  no_attn, _ = _forward_with_attention(monkeypatch, cfg, smoke, lambda q, k, v, **kw: v)
+  assert float(jnp.max(jnp.abs(no_attn - ref))) > 1e-3
 
 
 def test_dropout_uses_dropout_rng(smoke):
@@ -195,16 +241,19 @@ def test_bad_inputs_raise(smoke):
     model.apply(v, jnp.zeros((1, 30, 32, 1)), jnp.zeros((1,)), jnp.zeros((1, 30, 32, 2)))
   with pytest.raises(ValueError, match="same B,H,W"):
     model.apply(v, jnp.zeros((1, 32, 32, 1)), jnp.zeros((1,)), jnp.zeros((1, 16, 16, 2)))
-  bad = unet.smoke_model_config()
+  bad = default.get_config("smoke").model
   bad.attention_levels = (False, True)
   with pytest.raises(ValueError, match="one entry per level"):
     unet.init_variables(unet.create_model(bad), jax.random.key(0), image_size=32,
                         cond_channels=2)
   with pytest.raises(ValueError, match="unknown model config fields"):
     unet.create_model({"channels": (16,), "widths": 3})
+  with pytest.raises(ValueError, match=r"missing model config fields \['attention_impl'"):
+    unet.create_model({"channels": (16,)})  # No library defaults: configs/default.py has them.
+  smoke_cfg = default.get_config("smoke").model.to_dict()
   with pytest.raises(ValueError, match="attention_impl"):
-    unet.create_model(dict(unet.smoke_model_config(), attention_impl="flash")).init(
+    unet.create_model(dict(smoke_cfg, attention_impl="flash")).init(
         jax.random.key(0), jnp.zeros((1, 32, 32, 1)), jnp.zeros((1,)), jnp.zeros((1, 32, 32, 2)))
   with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
-    unet.create_model(dict(unet.smoke_model_config(), attention_impl="cudnn")).init(
+    unet.create_model(dict(smoke_cfg, attention_impl="cudnn")).init(
         jax.random.key(0), jnp.zeros((1, 32, 32, 1)), jnp.zeros((1,)), jnp.zeros((1, 32, 32, 2)))

@@ -90,12 +90,11 @@ def test_two_device_step_equals_one_device_step(mode):
   key_data = jax.random.key_data(jax.random.key(1))
 
   def run(n):
-    devices = jax.local_devices()[:n]
-    step = parallel.device_map(task.train_step, mode, devices)
-    s = parallel.replicate(state, mode, devices)
-    b = parallel.shard({k: v.reshape((n, -1) + v.shape[1:]) for k, v in batch.items()},
-                       mode, devices)
-    k = parallel.replicate(key_data, mode, devices)
+    par = parallel.create(mode, jax.local_devices()[:n])
+    step = par.map(task.train_step)
+    s = par.replicate(state)
+    b = par.shard({k: v.reshape((n, -1) + v.shape[1:]) for k, v in batch.items()})
+    k = par.replicate(key_data)
     losses = []
     for _ in range(2):
       s, m = step(s, b, k)
@@ -163,8 +162,22 @@ def test_resume_gives_same_params_as_uninterrupted_run(data_dir, tmp_path):
 
 
 def test_restore_onto_different_device_count(data_dir, tmp_path):
-  trainer.train_and_evaluate(smoke_config(data_dir, num_train_steps=2, num_devices=2),
-                               str(tmp_path))
+  saved = trainer.train_and_evaluate(smoke_config(data_dir, num_train_steps=2, num_devices=2),
+                                     str(tmp_path))  # Checkpointed at its last step, 2.
+  # Asking for the step the checkpoint is at returns the restored state as is.
+  restored = trainer.train_and_evaluate(
+      smoke_config(data_dir, num_train_steps=2, num_devices=1), str(tmp_path))
+  assert int(restored.step) == int(saved.step) == 2
+  for part in ("params", "ema_params", "opt_state"):
+    a, b = (getattr(s.nets["unet"], part) for s in (saved, restored))
+    assert jax.tree.structure(a) == jax.tree.structure(b), part
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=part)
+  init_key, _ = jax.random.split(jax.random.key(smoke_config(data_dir).seed))  # The trainer's.
+  fresh = jax.device_get(jax.jit(tasks.get_task(smoke_config(data_dir)).init_state)(init_key))
+  assert not all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(params_of(fresh)), jax.tree.leaves(params_of(restored)))), \
+      "the saved params must differ from the initial ones for the comparison to mean anything"
   state = trainer.train_and_evaluate(
       smoke_config(data_dir, num_train_steps=4, num_devices=1), str(tmp_path))
   assert int(state.step) == 4

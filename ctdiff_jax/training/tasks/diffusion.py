@@ -14,11 +14,12 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from ctdiff_jax.diffusion import schedule as schedule_lib
-from ctdiff_jax.training import parallel
 from ctdiff_jax.diffusion import sampling
-from ctdiff_jax.training import train_state as ts
+from ctdiff_jax.diffusion import schedule as schedule_lib
 from ctdiff_jax.models import unet
+from ctdiff_jax.training import parallel
+from ctdiff_jax.training import train_state as ts
+from ctdiff_jax.training.tasks import base
 
 NET = "unet"
 
@@ -30,15 +31,14 @@ DiffusionMetrics = clu_metrics.Collection.create(
     learning_rate=clu_metrics.LastValue.from_output("learning_rate"))
 
 
-class DiffusionTask:
+class DiffusionTask(base.Task):
   """Diffusion inpainting: predicts eps (or v) of the noisy slice given [masked image, mask]."""
 
   nets = (NET,)
   metrics_collection = DiffusionMetrics
 
   def __init__(self, config, cond_channels: int):
-    self.config = config
-    self.cond_channels = cond_channels
+    super().__init__(config, cond_channels)
     self.model = unet.create_model(config.model)
     self.schedule = schedule_lib.make_schedule(config.diffusion.schedule,
                                             config.diffusion.num_timesteps)
@@ -95,13 +95,27 @@ class DiffusionTask:
     return ts.TrainState(step=state.step + 1, nets={NET: new_net}), metrics
 
   # --- generation --------------------------------------------------------------------------
-  def generate(self, variables, batch: dict[str, jax.Array], key_data: jax.Array,
-               num_steps: int | None = None, sampler: str | None = None) -> jax.Array:
-    """Per-device inpainting of `batch` (image, mask, cond); returns [B, H, W, 1] in [-1, 1]."""
+  def generate_options(self, num_steps: int | None = None,
+                       sampler: str | None = None) -> dict[str, Any]:
     scfg = self.config.sampling
+    return {"num_steps": int(num_steps or scfg.num_steps), "sampler": sampler or scfg.sampler}
+
+  def sampler_info(self, num_steps: int | None = None,
+                   sampler: str | None = None) -> dict[str, Any]:
+    opts = self.generate_options(num_steps, sampler)
+    return {"sampler": opts["sampler"], "steps": opts["num_steps"]}
+
+  def generate(self, variables, batch: dict[str, jax.Array], key_data: jax.Array, *,
+               num_steps: int | None = None, sampler: str | None = None) -> jax.Array:
+    """Per-device inpainting of `batch` (image, mask, cond); returns [B, H, W, 1] in [-1, 1].
+
+    `num_steps` / `sampler` override config.sampling (None = the config's).
+    """
+    scfg = self.config.sampling
+    opts = self.generate_options(num_steps, sampler)
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data), lax.axis_index(parallel.AXIS))
     return sampling.sample(
         self.apply, variables, self.schedule, batch, key,
-        sampler=sampler or scfg.sampler, num_steps=num_steps or scfg.num_steps, eta=scfg.eta,
+        sampler=opts["sampler"], num_steps=opts["num_steps"], eta=scfg.eta,
         prediction=self.config.diffusion.prediction, repaint=scfg.repaint,
         resample=scfg.resample)

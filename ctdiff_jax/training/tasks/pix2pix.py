@@ -32,44 +32,17 @@ from clu import metrics as clu_metrics
 import jax
 from jax import lax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
+from ctdiff_jax.models import pix2pix
 from ctdiff_jax.training import parallel
 from ctdiff_jax.training import train_state as ts
-from ctdiff_jax.models import pix2pix
+from ctdiff_jax.training.tasks import base
 
 GEN = "generator"
 DISC = "discriminator"
 GAN_LOSSES = ("vanilla", "lsgan")
 _GEN_SALT = 2**30  # Separates generation dropout keys from the training ones.
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """`config.pix2pix`: the paper's settings."""
-  cfg = ml_collections.ConfigDict()
-  cfg.base_filters = 64  # ngf = ndf: G filters base*(1,2,4,8,8..), D C64-C128-C256-C512.
-  cfg.num_downs = 0  # U-Net depth; 0 = log2(image_size) capped at 8.
-  cfg.disc_layers = 3  # Stride-2 PatchGAN convs; 3 = the 70x70 PatchGAN.
-  cfg.norm = "instance"  # "instance" (split invariant), "batch" (batch stats) or "none".
-  cfg.gan_loss = "vanilla"  # "vanilla" (BCE with logits) or "lsgan" (least squares).
-  cfg.l1_weight = 100.0  # lambda of the L1 term.
-  cfg.lr = 2e-4  # Adam learning rate of both networks.
-  cfg.b1 = 0.5  # Adam beta1.
-  cfg.b2 = 0.999  # Adam beta2.
-  cfg.lr_decay_fraction = 0.5  # Constant LR, then linear decay to 0 over this last fraction.
-  cfg.dropout = 0.5  # Decoder dropout, the generator's noise source.
-  cfg.dropout_blocks = 3  # Decoder blocks (from the innermost) with dropout.
-  cfg.dropout_at_generation = True  # Keep dropout on when generating (as in the paper).
-  cfg.ema_decay = 0.999  # EMA kept for comparison only; generation uses the raw params.
-  return cfg
-
-
-def smoke_config() -> ml_collections.ConfigDict:
-  """CPU-sized networks (tests, quickstart)."""
-  cfg = default_config()
-  cfg.base_filters = 8
-  return cfg
 
 
 def learning_rate_schedule(lr: float, num_train_steps: int,
@@ -139,15 +112,14 @@ Pix2PixMetrics = clu_metrics.Collection.create(
     learning_rate=clu_metrics.LastValue.from_output("learning_rate"))
 
 
-class Pix2PixTask:
+class Pix2PixTask(base.Task):
   """Pix2Pix inpainting: G(cond) -> slice, PatchGAN D on (cond, slice), GAN + lambda * L1."""
 
   nets = (GEN, DISC)
   metrics_collection = Pix2PixMetrics
 
   def __init__(self, config, cond_channels: int):
-    self.config = config
-    self.cond_channels = cond_channels
+    super().__init__(config, cond_channels)
     pcfg = config.pix2pix
     if pcfg.gan_loss not in GAN_LOSSES:
       raise ValueError(f"pix2pix.gan_loss must be one of {GAN_LOSSES}, got {pcfg.gan_loss!r}")
@@ -241,13 +213,20 @@ class Pix2PixTask:
     return ts.TrainState(step=state.step + 1, nets=new_nets), metrics
 
   # --- generation --------------------------------------------------------------------------
-  def generate(self, variables, batch: dict[str, jax.Array], key_data: jax.Array,
-               **ignored) -> jax.Array:
-    """Per-device inpainting of `batch`; returns [B, H, W, 1] in [-1, 1], input outside mask.
+  def generate_options(self, num_steps: int | None = None,
+                       sampler: str | None = None) -> dict[str, Any]:
+    """{}: one generator forward, no sampler; the diffusion overrides do not apply."""
+    del num_steps, sampler
+    return {}
 
-    Keyword arguments of the diffusion task's `generate` (num_steps, sampler) are ignored.
-    """
-    del ignored
+  def sampler_info(self, num_steps: int | None = None,
+                   sampler: str | None = None) -> dict[str, Any]:
+    del num_steps, sampler
+    return {"sampler": None, "steps": None}
+
+  def generate(self, variables, batch: dict[str, jax.Array],
+               key_data: jax.Array) -> jax.Array:
+    """Per-device inpainting of `batch`; returns [B, H, W, 1] in [-1, 1], input outside mask."""
     pcfg = self.config.pix2pix
     keys = None
     if pcfg.dropout_at_generation and pcfg.dropout > 0:

@@ -1,0 +1,67 @@
+"""The interface every model family implements: the trainer and `Inpainter` see only a `Task`.
+
+Like google-research vdm's `Experiment`: one abstract class declares what the shared code calls,
+so adding a family means subclassing `Task` and registering it in `tasks.TASKS`; nothing else
+branches on `config.model_family`.
+
+Per-device methods (`train_step`, `generate`) see their local slice of the batch, reduce with
+`lax.pmean(..., parallel.AXIS)` and are mapped by `parallel.DataParallel.map`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+
+from ctdiff_jax.training import train_state as ts
+
+
+class Task(abc.ABC):
+  """A model family: state init, the per-device train step, per-device generation."""
+
+  nets: tuple[str, ...]  # Names of the networks in `TrainState.nets` (logged at start).
+  metrics_collection: Any  # clu `metrics.Collection` type of `train_step`'s metrics.
+
+  def __init__(self, config, cond_channels: int):
+    self.config = config
+    self.cond_channels = cond_channels
+
+  @abc.abstractmethod
+  def init_state(self, key: jax.Array) -> ts.TrainState:
+    """The initial state (step 0); pure, so `jax.eval_shape` gives the restore template."""
+
+  @abc.abstractmethod
+  def train_step(self, state: ts.TrainState, batch: dict[str, jax.Array],
+                 key_data: jax.Array) -> tuple[ts.TrainState, dict[str, jax.Array]]:
+    """Per-device step -> (new state, metrics incl. `loss` and `finite`).
+
+    `key_data` is the run's base key (raw uint32), the same on every device.
+    """
+
+  @abc.abstractmethod
+  def sampling_variables(self, state: ts.TrainState) -> dict[str, Any]:
+    """The variables `generate` uses (e.g. EMA params)."""
+
+  @abc.abstractmethod
+  def generate(self, variables: dict[str, Any], batch: dict[str, jax.Array],
+               key_data: jax.Array, **options: Any) -> jax.Array:
+    """Per-device inpainting of `batch` -> [B, H, W, 1] in [-1, 1], the input outside the mask.
+
+    `options` are exactly the keys `generate_options` returns (subclasses name them).
+    """
+
+  @abc.abstractmethod
+  def generate_options(self, num_steps: int | None = None,
+                       sampler: str | None = None) -> dict[str, Any]:
+    """The keyword options of `generate`, resolved from the config and the CLI overrides.
+
+    `num_steps` / `sampler` (the generate CLI's --steps / --sampler; None = the config's) only
+    mean something to iterative samplers; families without one return {} and ignore them.
+    """
+
+  @abc.abstractmethod
+  def sampler_info(self, num_steps: int | None = None,
+                   sampler: str | None = None) -> dict[str, Any]:
+    """The `sampler` and `steps` a generation run records (None for families without one)."""
