@@ -25,6 +25,12 @@ cases as splits with a nonzero ratio, each of those splits gets >= 1 case (taken
 largest split). The ranking covers the cases that contribute slices (after the scan), so
 skipped or organ-free cases never leave a split empty; a case's split can therefore differ
 between organ configs.
+
+Interrupted and concurrent builds: TFDS writes into `<config>/incomplete.*` and renames it
+when done, so a killed build leaves no dataset under its final name (naming.dataset_dir
+ignores the leftover). Builds of one config into one data_dir take turns on a lock file
+(`build_lock`); the build holding it deletes incomplete.* leftovers first, and an --overwrite
+renames the old dataset away before deleting it.
 """
 
 from __future__ import annotations
@@ -183,6 +189,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
     config = download_config or tfds.download.DownloadConfig()
     mode = config.download_mode
+    fmt = kwargs.get("file_format")
+    if fmt and self.data_path.exists() and (
+        tfds.core.FileFormat(fmt) == self.info.file_format):
+      # TFDS refuses to "override" the format of a DatasetInfo read from an existing build,
+      # even with the same one: an overwrite would fail.
+      del kwargs["file_format"]
     prepare = functools.partial(super().download_and_prepare, download_dir=download_dir,
                                 download_config=download_config, **kwargs)
     reused = self.data_path.exists() and not mode.overwrite_dataset
@@ -291,7 +303,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       again, _ = volumes.select_slices(loaded.organ_map, cfg.min_organ_area,
                                        cfg.empty_slice_fraction, case.case_id)
       if again != kept:
-        raise RuntimeError(f"case {case.case_id!r}: files changed during the build")
+        raise volumes.VolumeError(
+            f"case {case.case_id!r}: {', '.join(str(f) for f in case.files())}: files changed "
+            "during the build (other slices than at the scan): rerun it with the files left alone")
       for record in volumes.slice_records(loaded, kept, cfg.image_size, cfg.spacing_mm):
         self.build_summary["slices"][split] += 1
         yield f"{case.case_id}/{int(record[records.SLICE_INDEX]):05d}", record

@@ -123,17 +123,22 @@ def check_geometry(img: nib.Nifti1Image, pixdim: np.ndarray, path: pathlib.Path,
   """Refuses voxel spacings / affines that would need a guess (VolumeError naming the file).
 
   A zero, negative or non-finite header pixdim[1:4] is refused even where nibabel would
-  default it to 1 mm; so is an affine (q/s-form, or pixdim when neither is set) that is not
-  finite, has a zero-length axis or is singular: every later mm is derived from it.
+  default it to 1 mm; so is a missing affine (neither qform nor sform set: nibabel would make
+  one up from pixdim) and an affine that is not finite, has a zero-length axis or is singular:
+  every later mm and the left/right of the view are derived from it.
   """
   todo = "fix the header (voxel size in mm) with the tool that wrote it; no spacing is guessed"
   if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
     raise _fail(case_id, path, f"{what} has invalid voxel spacing pixdim[1:4] = "
                 f"{tuple(float(v) for v in pixdim)} in its header (zero, negative or not "
                 f"finite): {todo}")
+  hdr = img.header
+  if int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
+    raise _fail(case_id, path, f"{what} has no affine (qform_code and sform_code are both 0): "
+                "its orientation and position are unknown, not guessed; set the qform or sform "
+                "with the tool that wrote it")
   affine = np.asarray(img.affine, np.float64)
   spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-  hdr = img.header
   codes = f"qform_code {int(hdr['qform_code'])}, sform_code {int(hdr['sform_code'])}"
   if not np.isfinite(affine).all():
     raise _fail(case_id, path, f"{what} has a non-finite affine ({codes}): {todo}")
@@ -205,8 +210,8 @@ def organ_ids_for_case(organs: Sequence[str], label_names: Mapping[int, str]) ->
 def load_case(case: Case, organs: Sequence[str]) -> LoadedCase:
   """Loads one case on its canonical grid with an organ label map of `organs` (ids 1..K).
 
-  Raises VolumeError for unreadable / non-3D files, zero / negative / non-finite voxel spacing
-  or a singular affine, NaN or Inf in the image, label grids that differ from the image grid
+  Raises VolumeError for unreadable / non-3D files, zero / negative / non-finite voxel spacing,
+  a missing or singular affine, NaN or Inf in the image, label grids that differ from the image grid
   and malformed label maps.
   """
   img = load_canonical(case.image, case.case_id, "image")

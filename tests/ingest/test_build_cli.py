@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,8 +202,9 @@ def records_of(data_dir: pathlib.Path) -> dict[str, list[tuple]]:
   return out
 
 
-def slow_build(raw: pathlib.Path, data_dir: pathlib.Path, delay: float = 0.1) -> subprocess.Popen:
-  argv = [PROG, f"--config={CONFIG}", f"--manual_dir={raw}", f"--data_dir={data_dir}"]
+def slow_build(raw: pathlib.Path, data_dir: pathlib.Path, *flags: str, delay: float = 0.1
+               ) -> subprocess.Popen:
+  argv = [PROG, f"--config={CONFIG}", f"--manual_dir={raw}", f"--data_dir={data_dir}", *flags]
   return subprocess.Popen([sys.executable, "-c", SLOW_BUILD.format(delay=delay, argv=argv)],
                           cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -223,10 +225,19 @@ def incomplete_dirs(data_dir: pathlib.Path) -> list[pathlib.Path]:
   return sorted((data_dir / naming.DATASET / CONFIG).glob("incomplete.*"))
 
 
-def test_sigkill_mid_write_leaves_no_dataset_and_the_rerun_equals_a_clean_build(cohort, tmp_path):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_sigkill_mid_write_leaves_no_dataset_and_the_rerun_equals_a_clean_build(
+    cohort, tmp_path, overwrite):
   raw, clean = cohort
   out = tmp_path / "out"
-  proc = slow_build(raw, out)
+  flags = ["--overwrite"] if overwrite else []
+  if overwrite:  # killed while replacing an older build (of 4 of the 8 cases): no mix either
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in [raw / "labels.json", *sorted(raw.glob("*.nii.gz"))[:8]]:
+      shutil.copy(path, old)
+    assert ingest_build.build(CONFIG, old, out)["cases_found"] == 4
+  proc = slow_build(raw, out, *flags)
   # Killed once the first split's shard is on disk, while the next split is generated.
   wait_for(lambda: any(p.glob("*.array_record*") for p in incomplete_dirs(out)), proc,
            "the first shard")
@@ -238,12 +249,17 @@ def test_sigkill_mid_write_leaves_no_dataset_and_the_rerun_equals_a_clean_build(
   assert [p.name for p in (out / naming.DATASET / CONFIG).iterdir()] == [left[0].name]
   with pytest.raises(FileNotFoundError, match="no built dataset"):
     naming.dataset_dir(out, CONFIG)
-  rerun = build_cli(f"--config={CONFIG}", f"--manual_dir={raw}", f"--data_dir={out}")
+  rerun = build_cli(f"--config={CONFIG}", f"--manual_dir={raw}", f"--data_dir={out}", *flags)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "already built" not in rerun.stdout
   assert f"removing {left[0]}, left behind by an interrupted build" in rerun.stderr
   assert incomplete_dirs(out) == []
   assert records_of(out) == clean
+  if overwrite:  # and a plain --overwrite of a finished build replaces it
+    again = build_cli(f"--config={CONFIG}", f"--manual_dir={old}", f"--data_dir={out}", *flags)
+    assert again.returncode == 0 and "cases found 4, read 4" in again.stdout, again.stderr
+    assert [p.name for p in (out / naming.DATASET / CONFIG).iterdir()] == ["1.0.0"]
+    assert records_of(out) != clean
 
 
 def test_two_builds_at_once_take_turns(cohort, tmp_path):

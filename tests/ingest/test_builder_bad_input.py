@@ -101,7 +101,7 @@ def _fractional_labels(root: pathlib.Path):
 
 
 def _pixdim(pixdim):
-  """A bad image whose header spacing is `pixdim` with neither a qform nor an sform."""
+  """A bad image whose header spacing is `pixdim`, with neither a qform nor an sform."""
 
   def make(root: pathlib.Path):
     hu, _ = synth.make_volume(GOOD)
@@ -153,6 +153,8 @@ BAD = {
     "negative_spacing": (_pixdim([-2.0, 2.0, 3.0]), "bad_ct.nii.gz",
                          _SPACING % "-2.0, 2.0, 3.0"),
     "nan_spacing": (_pixdim([np.nan, 2.0, 3.0]), "bad_ct.nii.gz", _SPACING % "nan, 2.0, 3.0"),
+    "no_affine": (_pixdim([2.0, 2.0, 3.0]), "bad_ct.nii.gz",
+                  r"image has no affine \(qform_code and sform_code are both 0\)"),
     "singular_affine": (_singular_affine, "bad_ct.nii.gz",
                         r"image has a singular affine \(voxel axes of length \(2.0, 2.0, 2.0\)"),
     "zero_axis_sform": (_zero_axis_sform, "bad_seg.nii.gz",
@@ -321,3 +323,20 @@ def test_gzip_error_is_not_swallowed_for_good_files(tmp_path):
   summary = ingest_build.build("liver", root, tmp_path / "out", **OPTS)
   assert summary["total_slices"] == 4 and summary["cases_skipped"] == {}
   assert tfds.data_source(f"ct_slices/{NAME}", data_dir=str(tmp_path / "out"))
+
+
+def test_files_changed_between_scan_and_write(tmp_path, monkeypatch):
+  root = _raw(tmp_path)
+  calls = []
+  select = volumes.select_slices
+
+  def changing(organ_map, *args):
+    calls.append(1)
+    kept, n = select(organ_map, *args)
+    return (kept + [5] if len(calls) > 2 else kept), n  # the write pass sees other slices
+
+  monkeypatch.setattr(volumes, "select_slices", changing)
+  with pytest.raises(volumes.VolumeError, match=r"case '(good|bad)': .*_ct.nii.gz, .*_seg.nii.gz: "
+                     "files changed during the build"):
+    ingest_build.build("liver", root, tmp_path / "out", **OPTS)
+  _no_dataset_left(tmp_path / "out")
