@@ -270,7 +270,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         kept, n_organ = _scan(case, cfg)
       except volumes.VolumeError as e:
         if not cfg.skip_bad_cases:
-          raise
+          raise _with_skip_hint(e) from e
         _LOG.warning("skipping bad case %s: %s", case.case_id, e)
         summary["cases_skipped"][case.case_id] = str(e)
         continue
@@ -292,7 +292,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       raise ValueError(
           f"no slices to write: none of the {summary['cases_read']} readable cases in "
           f"{raw.root} has {list(cfg.organs)} on a slice (min_organ_area "
-          f"{cfg.min_organ_area}; cases skipped as bad: {len(summary['cases_skipped'])})")
+          f"{cfg.min_organ_area}; cases skipped as bad: {len(summary['cases_skipped'])}): "
+          "check the organs asked for against the label names, or lower min_organ_area")
     return {s: self._generate_examples(cases=todo[s], split=s) for s in SPLITS if todo[s]}
 
   def _generate_examples(self, cases: list[tuple[volumes.Case, list[int]]],
@@ -343,6 +344,13 @@ def _discard(path: pathlib.Path) -> None:
   shutil.rmtree(doomed, ignore_errors=True)
   path.rename(doomed)  # atomic: the final name is complete or gone
   shutil.rmtree(doomed)
+
+
+def _with_skip_hint(error: volumes.VolumeError) -> volumes.VolumeError:
+  """The error with what to do on its first line (a message may go on with details)."""
+  first, sep, rest = str(error).partition("\n")
+  return volumes.VolumeError(f"{first} [fix or remove the case, or build with skip_bad_cases "
+                             f"(--skip_bad_cases) to skip and count bad cases]{sep}{rest}")
 
 
 def _scan(case: volumes.Case, cfg: CtSlicesConfig) -> tuple[list[int], int]:

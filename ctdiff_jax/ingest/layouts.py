@@ -55,6 +55,10 @@ MSD_TASK_ORGANS = {
 _TUMOUR_WORDS = ("cancer", "tumour", "tumor", "lesion", "neoplasm", "primaries")
 
 
+# What to do about a duplicate case id (said by every layout's check).
+_ONE_ID = "one id per case: rename or remove one of them"
+
+
 class LayoutError(ValueError):
   """A raw dataset directory that cannot be enumerated (names the path and the problem)."""
 
@@ -102,7 +106,8 @@ def read_label_map(path: pathlib.Path) -> dict[int, str]:
   except FileNotFoundError as e:
     raise LayoutError(f"{path}: label map file is missing") from e
   except (OSError, ValueError) as e:
-    raise LayoutError(f"{path}: cannot read label map JSON ({e})") from e
+    raise LayoutError(f"{path}: cannot read label map JSON ({e}); expected an object like "
+                      '{"1": "liver", "2": "spleen"}') from e
   if isinstance(raw, dict) and "labels" in raw and isinstance(raw["labels"], dict):
     raw = raw["labels"]
   if not isinstance(raw, dict) or not raw:
@@ -123,7 +128,8 @@ def _check_unique(cases: list[Case], where: pathlib.Path) -> list[Case]:
   for c in cases:
     if c.case_id in seen:
       raise LayoutError(
-          f"duplicate case id {c.case_id!r} in {where}: {seen[c.case_id].image} and {c.image}")
+          f"duplicate case id {c.case_id!r} in {where}: {seen[c.case_id].image} and {c.image}: "
+          f"{_ONE_ID}")
     seen[c.case_id] = c
   return sorted(cases, key=lambda c: c.case_id)
 
@@ -226,7 +232,8 @@ def _flat(root: pathlib.Path) -> RawDataset:
         stems.setdefault((stem[: -len(kind)], kind), []).append(p)
   for (cid, kind), paths in sorted(stems.items()):
     if len(paths) > 1:
-      raise LayoutError(f"duplicate case id {cid!r} in {root}: {[str(p) for p in paths]}")
+      raise LayoutError(f"duplicate case id {cid!r} in {root}: "
+                        f"{' and '.join(str(p) for p in paths)}: {_ONE_ID}")
   ids = sorted({cid for cid, _ in stems})
   for cid in ids:
     image = stems.get((cid, "_ct"), [root / f"{cid}_ct.nii.gz"])[0]

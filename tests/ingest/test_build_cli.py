@@ -92,12 +92,13 @@ BROKEN = {
 
 def _expected_names(name: str, root: pathlib.Path) -> list[str]:
   """What the error line must name: the case and its file, else the folder / field."""
-  if name in bad_input.BAD:
-    return ["case 'bad'", str(root / BROKEN[name][2])]
+  if name in bad_input.BAD:  # ... and what to do
+    return ["case 'bad'", str(root / BROKEN[name][2]), "(--skip_bad_cases) to skip and count"]
   return {"bad_labels_json": [str(root / "labels.json")],
-          "no_organ": [str(root)],
+          "no_organ": [str(root), "or lower min_organ_area"],
           "unknown_organ": [str(root)],
-          "duplicate_ids": [str(root / "good_ct.nii"), str(root / "good_ct.nii.gz")],
+          "duplicate_ids": [f"{root / 'good_ct.nii'} and {root / 'good_ct.nii.gz'}: one id per "
+                            "case: rename or remove one of them"],
           "missing_manual_dir": [str(root)],
           "bad_option": ["image_size"]}[name]
 

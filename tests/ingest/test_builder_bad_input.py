@@ -240,8 +240,8 @@ def test_duplicate_case_ids_are_always_an_error(tmp_path, skip):
   hu, _ = synth.make_volume(GOOD)
   synth.save_nii(root / "good_ct.nii", hu, synth.ras_affine())  # also good_ct.nii.gz
   with pytest.raises(layouts.LayoutError,
-                     match=r"duplicate case id 'good' in .*raw: .*good_ct.nii', "
-                     r".*good_ct.nii.gz'"):
+                     match=r"duplicate case id 'good' in .*raw: .*good_ct.nii and "
+                     r".*good_ct.nii.gz: one id per case: rename or remove one of them"):
     ingest_build.build("liver", root, tmp_path / "out", skip_bad_cases=skip, **OPTS)
 
 
