@@ -5,10 +5,10 @@
       --steps=50 --sampler=ddim --labels=1,2 --margin_mm=10 --mask_file=M.npy \
       --offset=dy,dx --formats=nifti,png --tfds --volumes --checkpoint_step=N --overwrite]
 
-Scenarios (ctdiff_jax/generation/scenarios.py): `organ` regenerates the organ mask, `context` the organs'
-bounding box + margin (or a mask file), `tumor` pastes a tumour mask from another case into
-the host organ and generates a new tumour there. `--num_samples` may exceed the number of
-source slices: the source slices are cycled, each sample with its own randomness.
+Scenarios (ctdiff_jax/generation/scenarios.py): `organ` regenerates the organ mask, `context`
+the organs' bounding box + margin (or a mask file), `tumor` pastes a tumour mask from another
+case into the host organ and generates a new tumour there. `--num_samples` may exceed the
+number of source slices: the source slices are cycled, each sample with its own randomness.
 
 Per sample i: the mask and tumour placement come from (seed, i) (scenarios.Planner), the
 diffusion noise from (seed, chunk, batch, position in batch), i.e. from (seed, i) for a
@@ -16,12 +16,12 @@ given per-device batch size and device count. The generated HU are
 rint(unit_to_hu(model output)) inside the mask and the source record's int16 HU outside it,
 bit for bit.
 
-Export layout, NIfTI orientation and the TFDS export: see ctdiff_jax/generation/export.py.
+Export layout, NIfTI orientation and the TFDS export: see ctdiff_jax/generation/export/.
 
 Python API: every option is one frozen `GenerateSpec` (checked when built; the CLI builds it
 from its flags). `generate(config, checkpoint, spec, output_dir)` (files + summary dict),
 `generate_samples(config, checkpoint, spec)` (everything in memory),
-`iter_samples(config, inpainter, planner)` (chunks, for streaming).
+`iter_samples(config, inpainter, planner, num_samples)` (chunks, for streaming; evaluate).
 """
 
 from __future__ import annotations

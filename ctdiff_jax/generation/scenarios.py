@@ -32,8 +32,8 @@ built), which runner.GenerateSpec extends with the model and export options.
 
 Mask files (`load_mask_file`): .npy or .png hold the mask in the record layout (H, W), row 0
 anterior, column 0 the patient's right, like the dataset's slices; a .nii/.nii.gz mask is read
-in the exporter's RAS+ layout (see ctdiff_jax/generation/export.py), so an exported `*_mask.nii.gz` can be
-used again. Nonzero = regenerate.
+in the exporter's RAS+ layout (see ctdiff_jax/generation/export/nifti.py), so an exported
+`*_mask.nii.gz` can be used again. Nonzero = regenerate.
 """
 
 from __future__ import annotations
@@ -193,6 +193,12 @@ def slice_key(record) -> str:
   return f"{text(record[records.CASE_ID])}/{int(record[records.SLICE_INDEX])}"
 
 
+def _tried(skipped: Mapping[str, str], most: int = 5) -> str:
+  """'Slices tried: case/slice: reason; ...' (the first `most`) for error messages."""
+  tried = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:most])
+  return f"Slices tried: {tried}{' ...' if len(skipped) > most else ''}"
+
+
 class Scenario:
   """Base of the scenarios: the mask of a record and the job of a usable slice.
 
@@ -247,9 +253,7 @@ class Scenario:
 
   def nothing_fits(self, skipped: Mapping[str, str]) -> str:
     """The error once every usable slice was dropped."""
-    tried = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5])
-    return (f"no slice of {self.where} can be used for the {self.name} scenario. Slices "
-            f"tried: {tried}{' ...' if len(skipped) > 5 else ''}")
+    return f"no slice of {self.where} can be used for the {self.name} scenario. {_tried(skipped)}"
 
 
 class OrganScenario(Scenario):
@@ -398,10 +402,8 @@ class TumorScenario(Scenario):
     return f" at offset {self.offset}" if self.offset is not None else ""
 
   def nothing_fits(self, skipped: Mapping[str, str]) -> str:
-    tried = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5])
     return (f"no tumour mask fits inside the host organ (labels {list(self.label_ids)}) of any "
-            f"slice of {self.where}{self._at()}. Slices tried: {tried}"
-            f"{' ...' if len(skipped) > 5 else ''}")
+            f"slice of {self.where}{self._at()}. {_tried(skipped)}")
 
 
 # The scenarios by name (the generate CLI's --scenario).

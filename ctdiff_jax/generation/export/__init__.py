@@ -34,14 +34,16 @@ from ctdiff_jax.generation.export import png
 from ctdiff_jax.generation.export import tfds
 from ctdiff_jax.generation.export import volumes
 
-# The public names of the submodules, for callers of `export.<name>`.
-from ctdiff_jax.generation.export.base import safe_name, stem, Target  # pylint: disable=g-importing-member
-from ctdiff_jax.generation.export.manifest import MANIFEST_COLUMNS  # pylint: disable=g-importing-member
-from ctdiff_jax.generation.export.nifti import from_ras, save_nifti, slice_affine, to_ras  # pylint: disable=g-importing-member
-from ctdiff_jax.generation.export.png import (  # pylint: disable=g-importing-member
-    FIGURE_COLUMNS, FIGURE_ROWS, FIGURE_TILE_PX, display_unit, figure4)
-from ctdiff_jax.generation.export.tfds import TFDS_VERSION, write_tfds  # pylint: disable=g-importing-member
-from ctdiff_jax.generation.export.volumes import PAD_HU  # pylint: disable=g-importing-member
+# The submodules' public names, for callers of `export.<name>`.
+safe_name, stem, Target = base.safe_name, base.stem, base.Target
+MANIFEST_COLUMNS = manifest.MANIFEST_COLUMNS
+to_ras, from_ras, slice_affine, save_nifti = (
+    nifti.to_ras, nifti.from_ras, nifti.slice_affine, nifti.save_nifti)
+FIGURE_COLUMNS, FIGURE_ROWS = png.FIGURE_COLUMNS, png.FIGURE_ROWS
+FIGURE_TILE_PX = png.FIGURE_TILE_PX
+display_unit, figure4 = png.display_unit, png.figure4
+TFDS_VERSION, write_tfds = tfds.TFDS_VERSION, tfds.write_tfds
+PAD_HU = volumes.PAD_HU
 
 # Per-slice file formats (--formats), in the order their files are written.
 SLICE_EXPORTERS: dict[str, type[base.Exporter]] = {
