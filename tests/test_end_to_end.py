@@ -84,25 +84,62 @@ def test_training_wrote_checkpoint_and_metrics(run):
 
 @pytest.mark.parametrize("scenario", ["organ", "context", "tumor"])
 def test_generate_scenario(run, scenario):
+  # pylint: disable=g-import-not-at-top  (local: this function's checks only)
+  from scipy import ndimage
+  from ctdiff_jax.data import masks, sources, transforms
+  from ctdiff_jax.generation import export
+  # pylint: enable=g-import-not-at-top
+  config = run["config"]
   out = run["root"] / f"gen_{scenario}"
-  summary = runner.generate(run["config"], str(run["workdir"]), scenario, str(out),
-                              num_samples=4, seed=0, split="train", progress=False)
+  spec = runner.GenerateSpec(scenario, num_samples=4, seed=0, split="train")
+  summary = runner.generate(config, str(run["workdir"]), spec, str(out), progress=False)
   assert summary["num_samples"] == 4 and (out / "figure4.png").exists()
   with open(out / "manifest.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 4 and {r["scenario"] for r in rows} == {scenario}
-  cts = sorted(out.glob("*_ct.nii.gz"))
-  segs = sorted(out.glob("*_seg.nii.gz"))
-  assert len(cts) == len(segs) == 4
+  assert {int(r["checkpoint_step"]) for r in rows} == {4}  # The latest checkpoint.
+  source, _ = sources.open_split(config, "train")
+  ecfg = transforms.ExampleConfig.from_data_config(config.data)
+  lo, hi = config.data.hu_window
   lesion_id = 2  # kidney_tumor: kidney = 1, tumour = 2.
-  for ct_path, seg_path in zip(cts, segs):
-    ct, seg = nib.load(ct_path), nib.load(seg_path)
-    assert ct.shape[:2] == (SIZE, SIZE) and ct.get_data_dtype() == np.int16
-    np.testing.assert_allclose(ct.header.get_zooms()[:2], (SPACING, SPACING))
-    hu = np.asarray(ct.dataobj)
-    assert -1100 <= hu.min() and hu.max() <= 3100
-    if scenario == "tumor":
-      assert (np.asarray(seg.dataobj) == lesion_id).any()
+  for r in rows:
+    rec = source[int(r["source_index"])]
+    assert (rec["case_id"].decode(), int(rec["slice_index"])) == (r["source_case"],
+                                                                   int(r["slice_index"]))
+    src_hu, src_lab = rec["image"][..., 0], rec["labels"][..., 0]
+    ct_img = nib.load(out / r["ct_file"])
+    assert ct_img.shape == (SIZE, SIZE, 1) and ct_img.get_data_dtype() == np.int16
+    np.testing.assert_allclose(ct_img.header.get_zooms(), rec["spacing_mm"], rtol=1e-6)
+    ct, seg, mask = (export.from_ras(np.asarray(nib.load(out / r[k]).dataobj)[..., 0])
+                     for k in ("ct_file", "seg_file", "mask_file"))
+    m = mask > 0
+    assert int(r["mask_pixels"]) == m.sum() > 0
+    # Outside the mask the source slice bit for bit; inside, the model's HU in its window.
+    np.testing.assert_array_equal(ct[~m], src_hu[~m])
+    assert lo <= ct[m].min() and ct[m].max() <= hi
+    spacing = transforms.pixel_spacing(rec, ecfg.spacing_mm)
+    if scenario == "organ":
+      expect = masks.organ_mask(src_lab, ecfg.mask_labels, ecfg.dilation_mm, spacing)
+    elif scenario == "context":
+      expect = masks.bbox_mask(src_lab, ecfg.mask_labels, ecfg.bbox_margin_mm, spacing)
+    if scenario != "tumor":
+      np.testing.assert_array_equal(m, expect)
+      np.testing.assert_array_equal(seg, src_lab)
+      continue
+    # The new lesion: exactly where the manifest placed it, inside the host kidney.
+    placed = (seg == lesion_id) & (src_lab != lesion_id)
+    assert int(r["lesion_pixels"]) == placed.sum() > 0
+    np.testing.assert_array_equal(seg[~placed], src_lab[~placed])
+    assert np.all(src_lab[placed] == 1) and np.all(m[placed]) and np.all(src_lab[m] == 1)
+    donor = next(source[i] for i in range(len(source))
+                 if source[i]["case_id"].decode() == r["donor_case"]
+                 and int(source[i]["slice_index"]) == int(r["donor_slice"]))
+    rr, cc = np.nonzero(placed)
+    dy, dx = int(r["offset_dy"]), int(r["offset_dx"])
+    assert np.all(donor["labels"][..., 0][rr - dy, cc - dx] == lesion_id)
+    # The whole donor component moved: the same number of lesion pixels around it.
+    comps, _ = ndimage.label(donor["labels"][..., 0] == lesion_id, np.ones((3, 3), bool))
+    assert np.sum(comps == comps[rr[0] - dy, cc[0] - dx]) == placed.sum()
 
 
 def test_evaluate_writes_table(run):
