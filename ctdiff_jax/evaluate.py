@@ -5,7 +5,9 @@
   python -m ctdiff_jax.evaluate --merge=out_kidneys/table1.json,out_liver/table1.json \
       --output=out_all
 
-What is measured: ctdiff_jax/evaluation/table1.py.
+What is measured: ctdiff_jax/evaluation/table1.py. `--merge` concatenates the rows of the
+given table1.json files; rows with the same organ/dataset/split/N appear once, the later
+file's row winning (evaluation/tables.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def _define_flags():
   flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval_split).")
   flags.DEFINE_integer("num_samples", None, "Slices (default: config.eval.num_samples; 0 = all).")
   flags.DEFINE_integer("seed", 0, "Seed of the slice subset, noise and bootstrap.")
-  flags.DEFINE_list("merge", None, "table1.json files to merge into one table (no evaluation).")
+  flags.DEFINE_list("merge", None, "table1.json files to merge into one table (no evaluation; "
+                    "one row per organ/dataset/split/N, the later file's row wins).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -53,9 +56,10 @@ def main(argv: Sequence[str]) -> None:
     from ctdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     pipeline.ensure_flags_parsed()
     rows = [table1.evaluate(fl.config, fl.workdir, fl.output, pix2pix_config=fl.pix2pix_config,
-                     pix2pix_workdir=fl.pix2pix_workdir, split=fl.split,
-                     num_samples=fl.num_samples, seed=fl.seed)]
-    paths = {name: os.path.join(fl.output, name) for name in table1.TABLE_FILES + ("per_slice.csv",)}
+                            pix2pix_workdir=fl.pix2pix_workdir, split=fl.split,
+                            num_samples=fl.num_samples, seed=fl.seed)]
+    paths = {name: os.path.join(fl.output, name)
+             for name in table1.TABLE_FILES + ("per_slice.csv",)}
   print(table1.markdown_table(rows))
   print("wrote " + ", ".join(map(str, paths.values())))
 

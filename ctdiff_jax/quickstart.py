@@ -30,7 +30,7 @@ import jax
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "quickstart_out", "Where everything is written.")
-flags.DEFINE_integer("num_cases", 16, "Phantom cases to runner.")
+flags.DEFINE_integer("num_cases", 16, "Phantom cases to generate.")
 flags.DEFINE_integer("seed", 0, "Seed of the cohort, training and sampling.")
 flags.DEFINE_integer("steps", 1200, "Training steps of each smoke model.")
 flags.DEFINE_integer("image_size", 64, "Slice size in pixels.")
@@ -93,49 +93,36 @@ def plot_losses(runs: dict[str, str], path: str) -> None:
   plt.close(fig)
 
 
-def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: int,
-        spacing_mm: float, num_samples: int, sampling_steps: int) -> dict[str, str]:
-  """Runs every stage; returns the paths of the report's artefacts."""
-  # pylint: disable=g-import-not-at-top
-  from configs import kidney_tumor, kidneys, pix2pix_kidneys
-  from ctdiff_jax.ingest import build as ingest_build
-  from ctdiff_jax.evaluation import table1
-  from ctdiff_jax.generation import runner
-  from ctdiff_jax import phantom
-  from ctdiff_jax.training import trainer
-  # pylint: enable=g-import-not-at-top
-
-  out = os.path.abspath(os.path.expanduser(output_dir))
-  raw, data_dir = os.path.join(out, "raw"), os.path.join(out, "tfds")
-  report = os.path.join(out, "report")
-  os.makedirs(report, exist_ok=True)
-  t_all = time.time()
-  print(f"ctdiff-jax quickstart -> {out} ({jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s))", flush=True)
-
+def _datasets(raw: str, data_dir: str, *, num_cases: int, seed: int, image_size: int,
+              spacing_mm: float) -> None:
+  """Stages 1-2: the phantom cohort (kept when it exists) and the two TFDS datasets."""
+  from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.ingest import build as ingest_build  # pylint: disable=g-import-not-at-top
   t0 = _stage(f"1/6 phantom cohort: {num_cases} cases with lesions")
   if not os.path.exists(os.path.join(raw, "labels.json")):
     phantom.write_cohort(raw, num_cases, seed=seed, lesions=True)
   _done(t0)
-
   t0 = _stage("2/6 TFDS slice datasets: kidneys, kidney_tumor")
   for name in ("kidneys", "kidney_tumor"):
     summary = ingest_build.build(name, raw, data_dir, image_size=image_size,
-                                  spacing_mm=spacing_mm)
+                                 spacing_mm=spacing_mm)
     print(ingest_build.format_summary(summary), flush=True)
   _done(t0)
 
-  args = dict(data_dir=data_dir, image_size=image_size, spacing_mm=spacing_mm, steps=steps,
-              seed=seed, sampling_steps=sampling_steps)
-  configs = {"diffusion_kidneys": smoke_config(kidneys, **args),
-             "diffusion_kidney_tumor": smoke_config(kidney_tumor, **args),
-             "pix2pix_kidneys": smoke_config(pix2pix_kidneys, **args)}
-  runs = {name: os.path.join(out, "runs", name) for name in configs}
+
+def _train(configs: dict, runs: dict[str, str], steps: int) -> None:
+  """Stage 3: trains (or resumes) every model."""
+  from ctdiff_jax.training import trainer  # pylint: disable=g-import-not-at-top
   for i, (name, config) in enumerate(configs.items()):
-    t0 = _stage(f"3/6 training {name} ({i + 1}/3, {steps} steps)")
+    t0 = _stage(f"3/6 training {name} ({i + 1}/{len(configs)}, {steps} steps)")
     trainer.train_and_evaluate(config, runs[name])
     _done(t0)
 
+
+def _generate(out: str, configs: dict, runs: dict[str, str], *, num_samples: int,
+              seed: int) -> dict[str, str]:
+  """Stage 4: the three scenarios; returns {scenario: synthetic dataset dir}."""
+  from ctdiff_jax.generation import runner  # pylint: disable=g-import-not-at-top
   synthetic = {}
   for scenario, name in (("organ", "diffusion_kidneys"), ("context", "diffusion_kidneys"),
                          ("tumor", "diffusion_kidney_tumor")):
@@ -147,13 +134,12 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
     print(runner.format_summary(summary), flush=True)
     synthetic[scenario] = dest
     _done(t0)
+  return synthetic
 
-  t0 = _stage("5/6 evaluation: Table 1 on the kidneys test split")
-  table1.evaluate(configs["diffusion_kidneys"], runs["diffusion_kidneys"], report,
-                    pix2pix_config=configs["pix2pix_kidneys"],
-                    pix2pix_workdir=runs["pix2pix_kidneys"], seed=seed)
-  _done(t0)
 
+def _report(out: str, report: str, data_dir: str, runs: dict[str, str],
+            synthetic: dict[str, str]) -> dict[str, str]:
+  """Stage 6: figures and loss curves into report/; returns the paths of the artefacts."""
   t0 = _stage("6/6 report")
   shutil.copyfile(os.path.join(synthetic["organ"], "figure4.png"),
                   os.path.join(report, "figure4.png"))
@@ -162,8 +148,7 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
                     os.path.join(report, f"figure4_{scenario}.png"))
   plot_losses(runs, os.path.join(report, "training_loss.png"))
   _done(t0)
-
-  paths = {
+  return {
       "figure 4 (organ scenario)": os.path.join(report, "figure4.png"),
       "figure 4 (context, tumour)": os.path.join(report, "figure4_{context,tumor}.png"),
       "Table 1": os.path.join(report, "table1.md"),
@@ -172,6 +157,42 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
       "TFDS datasets (real)": data_dir,
       "training runs": os.path.join(out, "runs"),
   }
+
+
+def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: int,
+        spacing_mm: float, num_samples: int, sampling_steps: int) -> dict[str, str]:
+  """Runs every stage; returns the paths of the report's artefacts."""
+  # pylint: disable=g-import-not-at-top
+  from configs import kidney_tumor, kidneys, pix2pix_kidneys
+  from ctdiff_jax.evaluation import table1
+  # pylint: enable=g-import-not-at-top
+
+  out = os.path.abspath(os.path.expanduser(output_dir))
+  raw, data_dir = os.path.join(out, "raw"), os.path.join(out, "tfds")
+  report = os.path.join(out, "report")
+  os.makedirs(report, exist_ok=True)
+  t_all = time.time()
+  print(f"ctdiff-jax quickstart -> {out} ({jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s))", flush=True)
+  _datasets(raw, data_dir, num_cases=num_cases, seed=seed, image_size=image_size,
+            spacing_mm=spacing_mm)
+
+  args = dict(data_dir=data_dir, image_size=image_size, spacing_mm=spacing_mm, steps=steps,
+              seed=seed, sampling_steps=sampling_steps)
+  configs = {"diffusion_kidneys": smoke_config(kidneys, **args),
+             "diffusion_kidney_tumor": smoke_config(kidney_tumor, **args),
+             "pix2pix_kidneys": smoke_config(pix2pix_kidneys, **args)}
+  runs = {name: os.path.join(out, "runs", name) for name in configs}
+  _train(configs, runs, steps)
+  synthetic = _generate(out, configs, runs, num_samples=num_samples, seed=seed)
+
+  t0 = _stage("5/6 evaluation: Table 1 on the kidneys test split")
+  table1.evaluate(configs["diffusion_kidneys"], runs["diffusion_kidneys"], report,
+                  pix2pix_config=configs["pix2pix_kidneys"],
+                  pix2pix_workdir=runs["pix2pix_kidneys"], seed=seed)
+  _done(t0)
+
+  paths = _report(out, report, data_dir, runs, synthetic)
   print(f"\nquickstart finished in {(time.time() - t_all) / 60:.1f} min. Results:")
   for k, v in paths.items():
     print(f"  {k:28s} {v}")

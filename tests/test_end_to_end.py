@@ -159,3 +159,17 @@ def test_evaluate_writes_table(run):
   assert "Diffusion" in md and "Pix2Pix" in md
   for method in ("pix2pix", "diffusion"):
     assert 0.0 <= methods[method]["mae_hu"]["mean"] < 3000
+  # Each generative column comes from its own checkpoint, and they differ.
+  checkpoints = {m: methods[m]["checkpoint"] for m in ("pix2pix", "diffusion")}
+  assert checkpoints["pix2pix"]["model_family"] == "pix2pix"
+  assert checkpoints["pix2pix"]["path"].startswith(str(run["pix2pix_workdir"]))
+  assert checkpoints["diffusion"]["path"].startswith(str(run["workdir"]))
+  for k in ("fid_whole", "fid_crop", "mae_hu", "ssim"):
+    assert methods["pix2pix"][k] != methods["diffusion"][k], k
+  # Every column is over the same N slices, listed once each in per_slice.csv.
+  with open(out / "per_slice.csv", newline="") as f:
+    per_slice = list(csv.DictReader(f))
+  assert len({(r["case_id"], r["slice_index"]) for r in per_slice}) == len(per_slice) == 6
+  for method in ("pix2pix", "diffusion"):
+    assert np.mean([float(r[f"{method}_mae_hu"]) for r in per_slice]) == pytest.approx(
+        methods[method]["mae_hu"]["mean"], rel=1e-5)

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from ctdiff_jax.data.masks import _as_2d  # (H, W) or (H, W, 1) -> (H, W), one place
+from ctdiff_jax.evaluation.fid.preprocess import check_window
 
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # 2 * int(3.5 * 1.5 + 0.5) + 1 = 11 taps, as in Wang et al.
@@ -41,13 +42,6 @@ def _check(generated, real, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return g, r, m
 
 
-def _window(window) -> tuple[float, float]:
-  lo, hi = float(window[0]), float(window[1])
-  if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
-    raise ValueError(f"HU window must be finite with hi > lo, got {tuple(window)}")
-  return lo, hi
-
-
 def mae_hu(generated: np.ndarray, real: np.ndarray, mask: np.ndarray) -> float:
   """Mean absolute difference in HU over the mask pixels (no windowing)."""
   g, r, m = _check(generated, real, mask)
@@ -58,7 +52,7 @@ def psnr_db(generated: np.ndarray, real: np.ndarray, mask: np.ndarray,
             window: tuple[float, float]) -> float:
   """PSNR in dB over the mask pixels of the window-clipped images (peak = window width)."""
   g, r, m = _check(generated, real, mask)
-  lo, hi = _window(window)
+  lo, hi = check_window(window)
   mse = float(((np.clip(g, lo, hi) - np.clip(r, lo, hi))[m] ** 2).mean())
   if mse == 0.0:
     return float("inf")
@@ -93,7 +87,7 @@ def ssim(generated: np.ndarray, real: np.ndarray, mask: np.ndarray,
          window: tuple[float, float]) -> float:
   """Mean of the SSIM map of the window-clipped images over the mask pixels."""
   g, r, m = _check(generated, real, mask)
-  lo, hi = _window(window)
+  lo, hi = check_window(window)
   smap = ssim_map(np.clip(g, lo, hi), np.clip(r, lo, hi), hi - lo)
   return float(smap[m].mean())
 

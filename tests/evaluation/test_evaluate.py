@@ -466,3 +466,77 @@ def test_neighbour_at_volume_ends():
   got = table1.neighbour_hu(np.stack([img, img, img]), np.stack([prev, img, almost]),
                             np.stack([nxt, nxt, nxt]))
   np.testing.assert_array_equal(got, np.stack([prev, nxt, almost])[..., 0])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(args, **env):
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  full_env = {**os.environ, **env}
+  cache = jax.config.jax_compilation_cache_dir  # The tests' XLA compile cache (conftest).
+  if cache:
+    full_env.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+    full_env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  return subprocess.run([sys.executable, "-m", "ctdiff_jax.evaluate", *args],
+                        capture_output=True, text=True, env=full_env,
+                        cwd=pathlib.Path(__file__).resolve().parents[2], timeout=600)
+
+
+def test_merge_keeps_one_row_per_key_later_wins(tmp_path):
+  kid = _fake_row("kidneys", 3000, 12.0, with_pix2pix=True)
+  liv = _fake_row("liver", 100, 40.0, with_pix2pix=False)
+  kid_again = _fake_row("kidneys", 3000, 15.0, with_pix2pix=False)  # the same key, re-run
+  kid_other_n = _fake_row("kidneys", 500, 30.0, with_pix2pix=False)  # another N: kept
+  for name, row in (("a", kid), ("b", liv), ("c", kid_again), ("d", kid_other_n)):
+    table1.write_tables([row], tmp_path / name)
+  paths = [tmp_path / n / "table1.json" for n in "abcd"]
+  assert table1.merge_tables(paths) == [kid_again, liv, kid_other_n]
+  assert table1.merge_tables(paths[:3] + paths[:1]) == [kid, liv]  # the last one wins
+  assert table1.merge_tables([paths[0], paths[0]]) == [kid]
+
+
+def test_cli_merge(tmp_path):
+  kid = _fake_row("kidneys", 3000, 12.0, with_pix2pix=True)
+  liv = _fake_row("liver", 100, 40.0, with_pix2pix=False)
+  kid_again = _fake_row("kidneys", 3000, 15.0, with_pix2pix=False)
+  for name, row in (("a", kid), ("b", liv), ("c", kid_again)):
+    table1.write_tables([row], tmp_path / name)
+  merge = ",".join(str(tmp_path / n / "table1.json") for n in "abc")
+  res = _cli([f"--merge={merge}", f"--output={tmp_path / 'all'}"])
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert json.loads((tmp_path / "all" / "table1.json").read_text())["rows"] == [kid_again, liv]
+  with open(tmp_path / "all" / "table1.csv", newline="") as f:
+    assert [r["organ"] for r in csv.DictReader(f)] == ["kidneys", "liver"]
+  assert "| kidneys (test) | 3000 |" in res.stdout and "15.00 ± 1.50" in res.stdout
+  assert "wrote" in res.stdout and "table1.md" in res.stdout
+  # Usage errors: no --output; neither --merge nor --config/--workdir.
+  assert _cli([f"--merge={merge}"]).returncode != 0
+  res = _cli([f"--output={tmp_path / 'x'}"])
+  assert res.returncode != 0 and "--config and --workdir" in res.stderr
+
+
+def test_cli_evaluates_a_checkpoint(fid_weights, smoke_run, tmp_path):
+  config, workdir, _ = smoke_run
+  overrides = {"data_dir": config.data_dir, "image_size": 32, "spacing_mm": 12.0,
+               "sampling.num_steps": 2, "model.channels": "(8,16)",
+               "model.attention_levels": "(False,True)", "model.head_dim": 8,
+               "eval.crop_size": 32, "eval.fid_batch_size": 24, "eval.bootstrap": 3}
+  out = tmp_path / "out"
+  res = _cli(["--config=configs/liver.py:smoke", *(f"--config.{k}={v}" for k, v in
+                                                     overrides.items()),
+              f"--workdir={workdir}", f"--output={out}", "--split=train", "--num_samples=3",
+              "--seed=1"], CTDIFF_FID_WEIGHTS=fid_weights)
+  assert res.returncode == 0, res.stderr[-3000:]
+  (row,) = json.loads((out / "table1.json").read_text())["rows"]
+  assert (row["organ"], row["split"], row["num_slices"]) == ("liver", "train", 3)
+  assert row["settings"]["seed"] == 1 and row["methods"]["pix2pix"] is None
+  assert row["methods"]["diffusion"]["checkpoint"]["step"] == 2
+  for m in ("diffusion", "neighbour"):
+    assert row["methods"][m]["fid_crop"]["n2"] == 3 and row["methods"][m]["fid_crop"]["fid"] > 0
+  with open(out / "per_slice.csv", newline="") as f:
+    assert len(list(csv.DictReader(f))) == 3
+  assert "| liver (train) | 3 |" in res.stdout and "per_slice.csv" in res.stdout

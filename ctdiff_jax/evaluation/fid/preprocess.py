@@ -42,11 +42,17 @@ def resize_bilinear_tf(images: np.ndarray, size: int | tuple[int, int]) -> np.nd
   return np.einsum("oh,pw,...hwc->...opc", mh, mw, x, optimize=True)
 
 
-def hu_to_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-  """Linear HU window (lo -> 0, hi -> 255), clipped and rounded half-to-even to uint8."""
+def check_window(window) -> tuple[float, float]:
+  """(lo, hi) of a display/metric HU window; finite with hi > lo (also image_metrics')."""
   lo, hi = float(window[0]), float(window[1])
   if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
-    raise ValueError(f"HU window must be finite with hi > lo, got {window}")
+    raise ValueError(f"HU window must be finite with hi > lo, got {tuple(window)}")
+  return lo, hi
+
+
+def hu_to_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+  """Linear HU window (lo -> 0, hi -> 255), clipped and rounded half-to-even to uint8."""
+  lo, hi = check_window(window)
   hu = np.asarray(hu, np.float64)
   if not np.isfinite(hu).all():
     raise ValueError("HU image contains NaN or inf")
