@@ -15,7 +15,8 @@ from typing import Any
 
 import jax
 
-from ctdiff_jax.training import train_state as ts
+# States are `train_state.TrainState`s; not imported here to keep the import graph shallow.
+TrainState = Any
 
 
 class Task(abc.ABC):
@@ -29,19 +30,19 @@ class Task(abc.ABC):
     self.cond_channels = cond_channels
 
   @abc.abstractmethod
-  def init_state(self, key: jax.Array) -> ts.TrainState:
+  def init_state(self, key: jax.Array) -> TrainState:
     """The initial state (step 0); pure, so `jax.eval_shape` gives the restore template."""
 
   @abc.abstractmethod
-  def train_step(self, state: ts.TrainState, batch: dict[str, jax.Array],
-                 key_data: jax.Array) -> tuple[ts.TrainState, dict[str, jax.Array]]:
+  def train_step(self, state: TrainState, batch: dict[str, jax.Array],
+                 key_data: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
     """Per-device step -> (new state, metrics incl. `loss` and `finite`).
 
     `key_data` is the run's base key (raw uint32), the same on every device.
     """
 
   @abc.abstractmethod
-  def sampling_variables(self, state: ts.TrainState) -> dict[str, Any]:
+  def sampling_variables(self, state: TrainState) -> dict[str, Any]:
     """The variables `generate` uses (e.g. EMA params)."""
 
   @abc.abstractmethod
