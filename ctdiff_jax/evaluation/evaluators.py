@@ -6,7 +6,8 @@ Each column owns a few evaluators:
 
   FIDEvaluator(kind)       Inception features of the column's images, 'fid_whole' (whole
                            slices) or 'fid_crop' (organ crops); `result(real)` is the FID
-                           against the real set's evaluator of the same kind.
+                           against the real set's evaluator of the same kind. The columns
+                           share one Featurizer, which fills the network's batches.
   ImageMetricsEvaluator    per-slice MAE / PSNR / SSIM inside the mask (generative columns).
   SliceLog                 which slices were evaluated (per_slice.csv).
 
@@ -94,38 +95,57 @@ def fid_images(hu: np.ndarray, boxes: Sequence[tuple[int, int, int]], window, ki
 # ---------------------------------------------------------------------------- evaluators
 
 
+class Featurizer:
+  """Inception features for several FID evaluators, their images batched together.
+
+  The network pads every call to a full batch, so a column's few slices per chunk would
+  mostly feed padding; pooling all columns' images of one size fills the batches.
+  """
+
+  def __init__(self, batch_size: int, weights: str | os.PathLike | None = None):
+    self.batch_size, self.weights = batch_size, weights
+    self._pending: dict[tuple, list[tuple[list, np.ndarray]]] = {}  # size -> (owner, images)
+
+  def submit(self, owner: list, images: np.ndarray) -> None:
+    """Appends the features of `images` to `owner` (a list), now or at a later flush."""
+    queue = self._pending.setdefault(images.shape[1:], [])
+    queue.append((owner, images))
+    if sum(len(i) for _, i in queue) >= self.batch_size:
+      self._run(images.shape[1:])
+
+  def flush(self) -> None:
+    for size in list(self._pending):
+      self._run(size)
+
+  def _run(self, size: tuple) -> None:
+    queue = self._pending.pop(size)
+    feats = fid.features(np.concatenate([i for _, i in queue]), batch_size=self.batch_size,
+                         weights=self.weights, progress=False)
+    for (owner, _), f in zip(queue, np.split(feats, np.cumsum([len(i) for _, i in queue])[:-1])):
+      owner.append(f)
+
+
 class FIDEvaluator:
   """Accumulates Inception features of one column's whole slices or organ crops."""
 
-  def __init__(self, kind: str, *, window, crop_size: int, pad_hu: float, batch_size: int,
-               weights: str | os.PathLike | None = None):
+  def __init__(self, kind: str, featurizer: Featurizer, *, window, crop_size: int,
+               pad_hu: float):
     if kind not in FID_KINDS:
       raise ValueError(f"unknown FID kind {kind!r}; expected one of {FID_KINDS}")
-    self.kind, self.window, self.crop_size, self.pad_hu = kind, window, crop_size, pad_hu
-    self.batch_size, self.weights = batch_size, weights
+    self.kind, self.featurizer = kind, featurizer
+    self.window, self.crop_size, self.pad_hu = window, crop_size, pad_hu
     self._features: list[np.ndarray] = []
-    self._pending: list[np.ndarray] = []  # images not yet featurised (< one network batch)
 
   def images(self, batch: Batch) -> np.ndarray:
     return fid_images(batch.generated, batch.boxes, self.window, self.kind, self.crop_size,
                       self.pad_hu)
 
   def update(self, batch: Batch) -> None:
-    self._pending.append(self.images(batch))
-    if sum(map(len, self._pending)) >= self.batch_size:
-      self._flush()
-
-  def _flush(self) -> None:
-    # Full network batches only while streaming; the remainder at the end.
-    if self._pending:
-      self._features.append(fid.features(np.concatenate(self._pending),
-                                         batch_size=self.batch_size, weights=self.weights,
-                                         progress=False))
-      self._pending = []
+    self.featurizer.submit(self._features, self.images(batch))
 
   @property
   def features(self) -> np.ndarray:
-    self._flush()
+    self.featurizer.flush()
     return np.concatenate(self._features)
 
   def result(self, real: "FIDEvaluator", bootstrap: int, seed: int) -> dict[str, Any]:

@@ -54,9 +54,11 @@ from ctdiff_jax.evaluation import fid
 from ctdiff_jax.generation import scenarios
 from ctdiff_jax.ingest import records
 # Re-exported: the table API and crops have always been reachable as table1.<name>.
-from ctdiff_jax.evaluation.evaluators import FID_KINDS, IMAGE_METRICS, Batch, crop, crop_box  # pylint: disable=unused-import
-from ctdiff_jax.evaluation.tables import (GENERATIVE, METHODS, TABLE_FILES, csv_columns,  # pylint: disable=unused-import
+# pylint: disable=unused-import
+from ctdiff_jax.evaluation.evaluators import FID_KINDS, IMAGE_METRICS, Batch, crop, crop_box
+from ctdiff_jax.evaluation.tables import (GENERATIVE, METHODS, TABLE_FILES, csv_columns,
                                           markdown_table, merge_tables, write_tables)
+# pylint: enable=unused-import
 
 # FID needs thousands of images to be stable; below this the table warns (FID bias at small N).
 SMALL_N = 2048
@@ -207,11 +209,12 @@ def make_columns(names, settings: Mapping[str, Any], pad_hu: float, batch_size: 
                  weights) -> dict[str, dict[str, Any]]:
   """{column: {evaluator name: evaluator}} for 'real', 'neighbour' and the model columns."""
   window = tuple(settings["fid_window"])
+  featurizer = evaluators.Featurizer(batch_size, weights)
   columns = {}
   for name in ("real", "neighbour") + tuple(names):
     columns[name] = {k: evaluators.FIDEvaluator(
-        k, window=window, crop_size=settings["crop_size"], pad_hu=pad_hu,
-        batch_size=batch_size, weights=weights) for k in FID_KINDS}
+        k, featurizer, window=window, crop_size=settings["crop_size"], pad_hu=pad_hu)
+                     for k in FID_KINDS}
     if name in GENERATIVE:
       columns[name]["metrics"] = evaluators.ImageMetricsEvaluator(window)
   columns["real"]["slices"] = evaluators.SliceLog()
