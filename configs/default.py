@@ -93,13 +93,15 @@ def data_config() -> ml_collections.ConfigDict:
   """
   data = ml_collections.ConfigDict()
   data.hu_window = (-1000.0, 1000.0)  # HU mapped to [-1, 1]; organ configs narrow it.
-  data.mask_mode = "organ"  # "organ", "bbox", "shape" or "mixed" (data/masks.py).
+  data.mask_mode = "organ"  # "organ", "bbox", "shape", "lesion" or "mixed" (data/masks.py).
   data.mask_labels = ()  # Label ids whose union is the organ region; () = every organ.
   data.dilation_mm = 0.0  # organ mode: grow the organ mask by this many mm.
   data.bbox_margin_mm = 10.0  # bbox mode: margin around the organ bounding box.
   data.shape_area = (0.05, 0.3)  # shape mode: (lo, hi) fraction of the image covered.
   data.shape_kinds = ("ellipse", "polygon", "brush")  # shape mode: random shape families.
-  data.mixed_weights = (1.0, 1.0, 1.0)  # mixed mode: weights of (organ, bbox, shape).
+  data.mixed_weights = (1.0, 1.0, 1.0)  # mixed mode: weights of (organ, bbox, shape[, lesion]).
+  data.lesion_label_id = 0  # lesion mode: the dataset's lesion label (0 = none).
+  data.lesion_dilation_mm = 0.0  # lesion mode: grow the lesion mask by this many mm.
   data.neighbours = False  # Previous/next slices in `cond` (cond channels 2 -> 4).
   data.flip_lr_prob = 0.0  # Left-right flips (0: anatomy has laterality).
   data.translate_px = 0  # Max random translation in pixels (0 = off).

@@ -215,4 +215,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from ctdiff_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, "ctdiff_jax.quickstart", uses_tfds=True)

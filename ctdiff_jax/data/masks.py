@@ -7,10 +7,17 @@ A mask is (H, W) with 1 = the region the model regenerates. Modes:
   bbox   the bounding box of that union plus `margin_mm` on every side, clipped to the image.
   shape  random free-form masks (ellipses, star-shaped polygons, thick brush strokes, in the
          spirit of Palette/LaMa) whose area fraction lies within `area=(lo, hi)`.
-  mixed  a random choice among organ/bbox/shape with weights `mixed_weights`.
+  lesion the lesion label (`lesion_label_id`, e.g. kidney_tumor's 2) grown by
+         `lesion_dilation_mm` and clipped to the labelled organs: the tumour model learns to
+         paint lesion tissue where a lesion-shaped mask sits inside an organ (the generation
+         `tumor` scenario's mask: a placed tumour plus a rim inside the host organ).
+  mixed  a random choice among organ/bbox/shape/lesion with weights `mixed_weights` (3 weights
+         = no lesion).
 
 A slice without any selected organ in organ/bbox mode falls back to a `shape` mask, so every
-training example still has something to inpaint.
+training example still has something to inpaint; a slice without lesion in lesion mode falls
+back to the organ mask (so the model also keeps the organ's texture, and a whole-organ mask
+never reads as "lesion here").
 
 Pixel spacing is `(row_mm, col_mm)`: the size of one pixel along axis 0 and axis 1.
 
@@ -29,9 +36,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage, signal
 
-MODES = ("organ", "bbox", "shape", "mixed")
-# Order of `mixed_weights`.
-MIXED_MODES = ("organ", "bbox", "shape")
+MODES = ("organ", "bbox", "shape", "lesion", "mixed")
+# Order of `mixed_weights` (a 3-weight tuple leaves lesion out).
+MIXED_MODES = ("organ", "bbox", "shape", "lesion")
 SHAPE_KINDS = ("ellipse", "polygon", "brush")
 
 # Below this many pixels of organ a slice counts as organ-free (a single stray voxel is noise).
@@ -240,10 +247,26 @@ def resolve_mode(mode: str, rng: np.random.Generator, mixed_weights=(1.0, 1.0, 1
   if mode != "mixed":
     return mode
   p = np.asarray(mixed_weights, np.float64)
-  if p.shape != (3,) or np.any(p < 0) or p.sum() <= 0:
-    raise ValueError(
-        f"mixed_weights must be 3 non-negative weights for {MIXED_MODES}, got {mixed_weights}")
-  return MIXED_MODES[int(rng.choice(3, p=p / p.sum()))]
+  if p.shape not in ((3,), (4,)) or np.any(p < 0) or p.sum() <= 0:
+    raise ValueError(f"mixed_weights must be 3 or 4 non-negative weights for {MIXED_MODES}, "
+                     f"got {mixed_weights}")
+  # A zero 4th weight leaves the cumulative weights, hence the draws, of 3 weights unchanged.
+  p = np.pad(p, (0, 4 - len(p)))
+  return MIXED_MODES[int(rng.choice(4, p=p / p.sum()))]
+
+
+def lesion_mask(labels: np.ndarray, lesion_label_id: int, dilation_mm: float = 0.0,
+                spacing_mm=(1.0, 1.0)) -> np.ndarray:
+  """Bool (H, W): the lesion grown by `dilation_mm`, clipped to the labelled organs (label > 0).
+
+  All-False when the slice has no lesion.
+  """
+  labels = _as_2d(labels)
+  if int(lesion_label_id) <= 0:
+    raise ValueError(f"lesion mask mode needs a lesion label id > 0, got {lesion_label_id} "
+                     f"(set config.data.lesion_label_id to the dataset's lesion_label_id)")
+  lesion = labels == int(lesion_label_id)
+  return dilate_mm(lesion, dilation_mm, spacing_mm) & (labels > 0)
 
 
 def make_mask(
@@ -258,16 +281,23 @@ def make_mask(
     shape_area: tuple[float, float] = (0.05, 0.3),
     shape_kinds: Sequence[str] = SHAPE_KINDS,
     mixed_weights=(1.0, 1.0, 1.0),
+    lesion_label_id: int = 0,
+    lesion_dilation_mm: float = 0.0,
     return_mode: bool = False,
 ):
   """Float32 (H, W) mask in {0, 1} for one slice; see the module docstring for the modes.
 
-  Organ-free slices (no selected label present) in organ/bbox mode get a `shape` mask.
-  With `return_mode=True` returns `(mask, mode_used)`, mode_used in {'organ', 'bbox', 'shape'}.
+  Lesion-free slices in lesion mode get the organ mask; organ-free slices (no selected label
+  present) in organ/bbox mode get a `shape` mask. With `return_mode=True` returns
+  `(mask, mode_used)`, mode_used in {'organ', 'bbox', 'shape', 'lesion'}.
   """
   labels = _as_2d(labels)
   used = resolve_mode(mode, rng, mixed_weights)
   mask = None
+  if used == "lesion":
+    mask = lesion_mask(labels, lesion_label_id, lesion_dilation_mm, spacing_mm)
+    if mask.sum() < MIN_ORGAN_PIXELS:
+      mask, used = None, "organ"
   if used in ("organ", "bbox"):
     union = organ_union(labels, label_ids)
     if union.sum() >= MIN_ORGAN_PIXELS:

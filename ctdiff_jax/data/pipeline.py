@@ -17,14 +17,16 @@ Data config fields (`config.data`; the defaults are in configs/default.py):
   spacing_mm        In-plane pixel spacing (mm) used for mm-based masks when a record carries
                     none; records' own `spacing_mm` wins.
   hu_window         (lo, hi) HU mapped to [-1, 1] (values outside are clipped).
-  mask_mode         'organ' | 'bbox' | 'shape' | 'mixed' (see data/masks.py). Organ-free slices
+  mask_mode         'organ' | 'bbox' | 'shape' | 'lesion' | 'mixed' (see data/masks.py). Organ-free slices
                     in organ/bbox mode get a 'shape' mask.
   mask_labels       Label ids whose union is the organ region; () = every organ (label > 0).
   dilation_mm       organ mode: grow the organ mask by this many mm.
   bbox_margin_mm    bbox mode: margin around the organ bounding box (mm, rounded up to pixels).
   shape_area        shape mode: (lo, hi) fraction of the image the random mask covers.
   shape_kinds       shape mode: subset of ('ellipse', 'polygon', 'brush').
-  mixed_weights     mixed mode: weights of (organ, bbox, shape).
+  mixed_weights     mixed mode: weights of (organ, bbox, shape[, lesion]).
+  lesion_label_id   lesion mode: the dataset's lesion label (0 = none).
+  lesion_dilation_mm  lesion mode: grow the lesion mask by this many mm.
   neighbours        Add the windowed previous/next slices to `cond` (cond_channels 2 -> 4).
   flip_lr_prob      Probability of a left-right flip (0: anatomy has laterality).
   translate_px      Max random translation in pixels, shifting in air (0 = off).

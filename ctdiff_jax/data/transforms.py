@@ -87,7 +87,9 @@ class ExampleConfig:
   bbox_margin_mm: float = 10.0
   shape_area: tuple[float, float] = (0.05, 0.3)
   shape_kinds: tuple[str, ...] = masks.SHAPE_KINDS
-  mixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+  mixed_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+  lesion_label_id: int = 0
+  lesion_dilation_mm: float = 0.0
   neighbours: bool = False
   spacing_mm: float = 1.5
   flip_lr_prob: float = 0.0
@@ -194,6 +196,8 @@ def make_example(
       shape_area=cfg.shape_area,
       shape_kinds=cfg.shape_kinds,
       mixed_weights=cfg.mixed_weights,
+      lesion_label_id=cfg.lesion_label_id,
+      lesion_dilation_mm=cfg.lesion_dilation_mm,
   )[..., None]
   return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours)
 

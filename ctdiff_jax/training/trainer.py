@@ -25,6 +25,7 @@ from ctdiff_jax.training import parallel
 from ctdiff_jax.training import tasks
 from ctdiff_jax import figures
 from ctdiff_jax.training import writers
+from ctdiff_jax.training import workdir as run_workdir
 from ctdiff_jax.data import pipeline
 
 
@@ -139,6 +140,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   par = setup_devices(config)
+  with run_workdir.claim(workdir, config):
+    return _train_and_evaluate(config, workdir, iterator_wrapper)
+
+
+def _train_and_evaluate(config, workdir: str, iterator_wrapper) -> Any:
   logging.info("training %s on %d %s device(s), parallel=%s, workdir=%s", config.model_family,
                par.num_devices, par.devices[0].platform, par.mode, workdir)
 

@@ -1,4 +1,4 @@
-"""Mask geometry: organ/bbox/shape/mixed modes and tumour placement (data/masks.py)."""
+"""Mask geometry: organ/bbox/shape/lesion/mixed modes and tumour placement (data/masks.py)."""
 
 import numpy as np
 import pytest
@@ -128,6 +128,67 @@ def test_mixed_picks_modes_per_weights():
   # A zero weight is never picked.
   for _ in range(50):
     assert masks.resolve_mode("mixed", rng, (1.0, 0.0, 1.0)) != "bbox"
+
+
+def _kidney_with_tumour():
+  """Kidney (1) rows 8..23 x cols 6..17 with a tumour (2) at rows 10..12 x cols 6..8 (its edge)."""
+  lab = np.zeros((32, 32), np.uint8)
+  lab[8:24, 6:18] = 1
+  lab[10:13, 6:9] = 2
+  return lab
+
+
+def test_lesion_mode_is_dilated_lesion_clipped_to_organs():
+  lab = _kidney_with_tumour()
+  rng = np.random.default_rng(0)
+  m, used = masks.make_mask(lab, "lesion", rng, lesion_label_id=2, return_mode=True)
+  assert used == "lesion"
+  np.testing.assert_array_equal(m, (lab == 2).astype(np.float32))
+  # 1 px at 2 mm spacing = the 4-neighbours, cut where they leave the labelled organs (col 5).
+  grown = masks.make_mask(lab, "lesion", rng, lesion_label_id=2, lesion_dilation_mm=2.0,
+                          spacing_mm=(2.0, 2.0))
+  ref = np.zeros((32, 32), bool)
+  ref[9:14, 6:9] = True
+  ref[10:13, 6:10] = True
+  np.testing.assert_array_equal(grown > 0, ref)
+  # The lesion id is the dataset's, not "organs > 0": kidney pixels alone are never the mask.
+  assert grown[lab == 1].sum() == ref.sum() - 9
+  with pytest.raises(ValueError, match="lesion label id"):
+    masks.make_mask(lab, "lesion", rng)
+
+
+def test_lesion_free_slice_falls_back_to_organ_mask():
+  lab = _kidney_with_tumour()
+  lab[lab == 2] = 1
+  rng = np.random.default_rng(0)
+  m, used = masks.make_mask(lab, "lesion", rng, lesion_label_id=2, return_mode=True)
+  assert used == "organ"
+  np.testing.assert_array_equal(m, (lab > 0).astype(np.float32))
+  m, used = masks.make_mask(np.zeros((32, 32), np.uint8), "lesion", rng, lesion_label_id=2,
+                            return_mode=True)
+  assert used == "shape" and m.sum() > 0
+
+
+def test_mixed_with_lesion_weight():
+  lab = _kidney_with_tumour()
+  rng = np.random.default_rng(5)
+  counts = {mode: 0 for mode in masks.MIXED_MODES}
+  n = 400
+  for _ in range(n):
+    m, used = masks.make_mask(lab, "mixed", rng, mixed_weights=(1.0, 0.0, 0.0, 3.0),
+                              lesion_label_id=2, return_mode=True)
+    counts[used] += 1
+    if used == "lesion":
+      np.testing.assert_array_equal(m, (lab == 2).astype(np.float32))
+  assert counts["bbox"] == counts["shape"] == 0
+  assert abs(counts["lesion"] - 0.75 * n) < 4 * np.sqrt(n * 0.75 * 0.25), counts
+  # Three weights = a zero lesion weight, with the same draws as before lesion existed.
+  a, b = np.random.default_rng(9), np.random.default_rng(9)
+  for _ in range(100):
+    assert masks.resolve_mode("mixed", a, (1.0, 2.0, 3.0)) == masks.resolve_mode(
+        "mixed", b, (1.0, 2.0, 3.0, 0.0)) != "lesion"
+  with pytest.raises(ValueError, match="3 or 4"):
+    masks.resolve_mode("mixed", a, (1.0, 1.0))
 
 
 def test_valid_offsets_match_brute_force():
