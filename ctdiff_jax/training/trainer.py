@@ -136,15 +136,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        iterator_wrapper: Callable[[Iterator], Iterator] | None = None) -> Any:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
-  `iterator_wrapper` (tests) wraps the batch iterator, e.g. to inject a bad batch.
+  `iterator_wrapper` (tests) wraps the batch iterator, e.g. to inject a bad batch. The config
+  is checked and the workdir locked first (training/workdir.py: one run per workdir).
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  par = setup_devices(config)
   with run_workdir.claim(workdir, config):
     return _train_and_evaluate(config, workdir, iterator_wrapper)
 
 
 def _train_and_evaluate(config, workdir: str, iterator_wrapper) -> Any:
+  par = setup_devices(config)
   logging.info("training %s on %d %s device(s), parallel=%s, workdir=%s", config.model_family,
                par.num_devices, par.devices[0].platform, par.mode, workdir)
 
