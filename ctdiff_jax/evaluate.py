@@ -65,6 +65,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  _app.run(main)
+  cli.run(main, "ctdiff_jax.evaluate", uses_tfds=True)

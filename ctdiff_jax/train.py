@@ -2,7 +2,10 @@
 
 Any config field can be overridden on the command line (`--config.num_train_steps=100`); a
 variant is chosen after a colon (`--config=configs/kidneys.py:smoke`). Running again with the
-same workdir resumes from the latest checkpoint.
+same workdir resumes from the latest checkpoint (also after the run was killed: a checkpoint
+counts once Orbax has finished it). A second run into a workdir that is in use is refused.
+User errors (a bad config field, a missing dataset, a busy workdir) end with one
+`ctdiff_jax.train: error: ...` line (ctdiff_jax/cli.py; --verbose shows the traceback).
 """
 
 from absl import app
@@ -10,6 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ctdiff_jax import cli
 from ctdiff_jax.training import trainer
 
 FLAGS = flags.FLAGS
@@ -27,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "ctdiff_jax.train", uses_tfds=True)
