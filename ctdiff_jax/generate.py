@@ -3,7 +3,8 @@
   python -m ctdiff_jax.generate --config=configs/kidneys.py:smoke --workdir=runs/kidneys \
       --scenario=organ --output_dir=synthetic --num_samples=64 [--seed=0 --split=test \
       --steps=50 --sampler=ddim --labels=1,2 --margin_mm=10 --mask_file=M.npy \
-      --offset=dy,dx --formats=nifti,png --tfds --volumes --checkpoint_step=N --overwrite]
+      --offset=dy,dx --donor_split=train --formats=nifti,png --tfds --volumes \
+      --checkpoint_step=N --overwrite]
 
 The work is done by ctdiff_jax/generation (runner, scenarios, export).
 """
@@ -48,6 +49,8 @@ def _define_flags():
                       "(default: a random position that fits).")
   flags.DEFINE_integer("blend_px", scenarios.BLEND_PX, "tumor: rim (px) regenerated around "
                        "the placed tumour, inside the host organ.")
+  flags.DEFINE_string("donor_split", None, "tumor: split the donor tumour masks come from "
+                      "(default: every split; hosts come from --split).")
   flags.DEFINE_list("formats", list(export.FORMATS), "Per-slice files: nifti, png.")
   flags.DEFINE_bool("tfds", False, "Also write a TFDS dataset (ct_slices features).")
   flags.DEFINE_bool("volumes", False, "Also write per-case stacked NIfTI volumes.")
@@ -74,8 +77,8 @@ def main(argv: Sequence[str]) -> None:
         scenario=fl.scenario, num_samples=fl.num_samples, seed=fl.seed, split=fl.split,
         steps=fl.steps, sampler=fl.sampler, checkpoint_step=fl.checkpoint_step, labels=labels,
         margin_mm=fl.margin_mm, mask_file=fl.mask_file, offset=fl.offset,
-        blend_px=fl.blend_px, formats=fl.formats, tfds=fl.tfds, volumes=fl.volumes,
-        overwrite=fl.overwrite)
+        blend_px=fl.blend_px, donor_split=fl.donor_split, formats=fl.formats, tfds=fl.tfds,
+        volumes=fl.volumes, overwrite=fl.overwrite)
     summary = runner.generate(fl.config, checkpoint, spec, fl.output_dir)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     # Bad input (scenario, dataset, mask, checkpoint): the message says what to fix.

@@ -102,6 +102,8 @@ def test_generate_scenario(run, scenario):
   ecfg = transforms.ExampleConfig.from_data_config(config.data)
   lo, hi = config.data.hu_window
   lesion_id = 2  # kidney_tumor: kidney = 1, tumour = 2.
+  donor_sources = [sources.open_split(config, s)[0]
+                   for s, n in sources.metadata(config)["splits"].items() if n]
   for r in rows:
     rec = source[int(r["source_index"])]
     assert (rec["case_id"].decode(), int(rec["slice_index"])) == (r["source_case"],
@@ -131,9 +133,10 @@ def test_generate_scenario(run, scenario):
     assert int(r["lesion_pixels"]) == placed.sum() > 0
     np.testing.assert_array_equal(seg[~placed], src_lab[~placed])
     assert np.all(src_lab[placed] == 1) and np.all(m[placed]) and np.all(src_lab[m] == 1)
-    donor = next(source[i] for i in range(len(source))
-                 if source[i]["case_id"].decode() == r["donor_case"]
-                 and int(source[i]["slice_index"]) == int(r["donor_slice"]))
+    # Donor tumours come from any split (hosts from --split).
+    donor = next(src[i] for src in donor_sources for i in range(len(src))
+                 if src[i]["case_id"].decode() == r["donor_case"]
+                 and int(src[i]["slice_index"]) == int(r["donor_slice"]))
     rr, cc = np.nonzero(placed)
     dy, dx = int(r["offset_dy"]), int(r["offset_dx"])
     assert np.all(donor["labels"][..., 0][rr - dy, cc - dx] == lesion_id)

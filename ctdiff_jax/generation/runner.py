@@ -158,7 +158,8 @@ def make_planner(config, spec: GenerateSpec, *, progress: bool = True
   """(planner, dataset metadata, split) of `spec`'s scenario on `config`'s dataset."""
   split = spec.split or config.eval_split
   source, meta = sources.open_split(config, split)
-  planner = scenarios.Planner(source, meta, config.data, spec, split=split, progress=progress)
+  planner = scenarios.Planner(source, meta, config.data, spec, split=split, progress=progress,
+                              open_split=lambda s: sources.open_split(config, s)[0])
   return planner, meta, split
 
 

@@ -10,13 +10,16 @@ of the synthetic slice.
            or one fixed user mask (`mask_file`) for every slice. Labels unchanged.
   tumor    (datasets with a lesion label, e.g. kidney_tumor: 1 kidney, 2 kidney_tumor) slice A
            must show the host organ (every non-lesion organ, or `label_ids`); one connected
-           tumour component of another slice B (a different case when the split has one) is
+           tumour component of another slice B (a different case when there is one) is
            translated to lie entirely inside A's host organ (a random valid position, or
            the given `offset`) and regenerated there. The mask is the placed tumour grown
            by `blend_px` pixels (so its rim blends into the surrounding tissue), clipped to
            the host organ, so it never touches A's own lesion or anything outside the organ.
            New labels = A's labels with the placed tumour set to the lesion id (A's original
-           lesion kept as is).
+           lesion kept as is). Donor tumours are just masks: B comes from any split of the
+           dataset (`donor_split` restricts it to one), hosts A from the generated split.
+           Use a model trained with lesion masks (configs/kidney_tumor.py: data/masks.py's
+           `lesion` mode), so the placed mask is painted as tumour, not as host tissue.
 
 "Endless": jobs cycle over the usable source slices (sorted by case and slice index) for as
 many samples as asked; job i's randomness (tumour choice and position) comes from
@@ -27,8 +30,8 @@ planner raises a ScenarioError that says why.
 Each scenario is a small class (`SCENARIOS`: name -> class) that knows its mask of a record,
 which slices it can use and how to make a job of one; `Planner` scans the split and cycles
 over the usable slices for any of them. Both read their options from a frozen
-`ScenarioSpec` (scenario, seed, labels, margin_mm, mask_file, offset, blend_px; checked when
-built), which runner.GenerateSpec extends with the model and export options.
+`ScenarioSpec` (scenario, seed, labels, margin_mm, mask_file, offset, blend_px, donor_split;
+checked when built), which runner.GenerateSpec extends with the model and export options.
 
 Mask files (`load_mask_file`): .npy or .png hold the mask in the record layout (H, W), row 0
 anterior, column 0 the patient's right, like the dataset's slices; a .nii/.nii.gz mask is read
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -162,16 +165,18 @@ class ScenarioSpec:
   mask_file: str | None = None  # context: one fixed mask (load_mask_file)
   offset: tuple[int, int] | None = None  # tumor: (dy, dx) of the donor tumour
   blend_px: int = BLEND_PX  # tumor: rim regenerated around the placed tumour
+  donor_split: str | None = None  # tumor: split of the donor tumours (None: every split)
 
   def __post_init__(self):
     normal = {"labels": tuple(int(i) for i in self.labels) if self.labels else None,
-              "offset": parse_offset(self.offset), "mask_file": self.mask_file or None}
+              "offset": parse_offset(self.offset), "mask_file": self.mask_file or None,
+              "donor_split": self.donor_split or None}
     for name, value in normal.items():
       object.__setattr__(self, name, value)
     if self.scenario not in SCENARIOS:
       raise ScenarioError(f"unknown scenario {self.scenario!r}; expected one of "
                           f"{tuple(SCENARIOS)}")
-    for name, only in (("mask_file", "context"), ("offset", "tumor")):
+    for name, only in (("mask_file", "context"), ("offset", "tumor"), ("donor_split", "tumor")):
       if getattr(self, name) is not None and self.scenario != only:
         raise ScenarioError(f"--{name} is only used by --scenario={only}, not "
                             f"{self.scenario!r}")
@@ -240,6 +245,9 @@ class Scenario:
   def skip_reason(self) -> str:
     return f"no {self.region_name} {list(self.label_ids) or 'any'}: empty mask"
 
+  def attach(self, split: str | None, open_split: Callable[[str], Any] | None) -> None:
+    """The planner's split and a way to open the dataset's other splits (default: unused)."""
+
   def observe(self, index: int, record) -> None:
     """Sees every slice of the split while the planner scans it (default: nothing to keep)."""
 
@@ -298,6 +306,7 @@ class _Donor:
   stamp: np.ndarray
   r0: int
   c0: int
+  split: str | None = None  # None: the host split
 
   def full(self, shape) -> np.ndarray:
     out = np.zeros(shape, bool)
@@ -305,7 +314,8 @@ class _Donor:
     return out
 
 
-def _components(record, source_index: int, lesion_id: int) -> list[_Donor]:
+def _components(record, source_index: int, lesion_id: int,
+                split: str | None = None) -> list[_Donor]:
   """The connected lesion components of one record (8-connected), as donors."""
   lesion = label_map(record) == lesion_id
   if not lesion.any():
@@ -317,7 +327,7 @@ def _components(record, source_index: int, lesion_id: int) -> list[_Donor]:
     rows, cols = np.nonzero(comps == c)
     r0, c0 = int(rows.min()), int(cols.min())
     stamp = (comps == c)[r0:rows.max() + 1, c0:cols.max() + 1]
-    out.append(_Donor(source_index, case_id, slice_index, stamp, r0, c0))
+    out.append(_Donor(source_index, case_id, slice_index, stamp, r0, c0, split))
   return out
 
 
@@ -336,26 +346,52 @@ class TumorScenario(Scenario):
           f"(organs {self.organs}) has none: use a tumour dataset config such as "
           f"configs/kidney_tumor.py (kidney=1, kidney_tumor=2)")
     self.lesion_id = int(meta["lesion_label_id"])
-    if self.lesion_id in self.label_ids:
-      raise ScenarioError(f"host label ids {list(self.label_ids)} must not include the lesion "
+    if spec.labels and self.lesion_id in spec.labels:
+      raise ScenarioError(f"host label ids {list(spec.labels)} must not include the lesion "
                           f"id {self.lesion_id}")
-    self.label_ids = self.label_ids or tuple(
+    # The config's mask labels may include the lesion (the organ masks of lesion training).
+    self.label_ids = tuple(i for i in self.label_ids if i != self.lesion_id) or tuple(
         i for i in range(1, len(self.organs) + 1) if i != self.lesion_id)
     self.offset, self.blend_px = spec.offset, int(spec.blend_px)
+    self.splits = {k: int(v) for k, v in meta.get("splits", {}).items()}
     self.donors: list[_Donor] = []
+    self.split, self.open_split = None, None
 
   def region(self, record) -> np.ndarray:
     return masks.organ_union(label_map(record), self.label_ids)  # the host organ
 
+  def attach(self, split, open_split) -> None:
+    self.split, self.open_split = split, open_split
+    if self.spec.donor_split is not None and self.spec.donor_split not in self.splits:
+      raise ScenarioError(f"--donor_split={self.spec.donor_split!r} is not a split of "
+                          f"{self.dataset} (splits: {self.splits})")
+
+  def _donor_splits(self) -> list[str | None]:
+    """The donor splits; None = the host split (all when the others cannot be opened)."""
+    if self.open_split is None or self.split is None:
+      return [None] if self.spec.donor_split in (None, self.split) else []
+    wanted = [self.spec.donor_split] if self.spec.donor_split else sorted(self.splits)
+    return [None if s == self.split else s for s in wanted if self.splits.get(s, 1) > 0]
+
   def observe(self, index: int, record) -> None:
-    self.donors.extend(_components(record, index, self.lesion_id))
+    if None in self._donor_splits():
+      self.donors.extend(_components(record, index, self.lesion_id))
 
   def check_scan(self, num_slices: int) -> None:
+    counted, where = 0, []
+    for split in self._donor_splits():
+      if split is None:
+        counted, where = counted + num_slices, where + [self.split or self.where]
+        continue
+      source = self.open_split(split)
+      for i in range(len(source)):
+        self.donors.extend(_components(source[i], i, self.lesion_id, split))
+      counted, where = counted + len(source), where + [split]
     if not self.donors:
       raise ScenarioError(
           f"no tumour (label {self.lesion_id}, {self.organs[self.lesion_id - 1]}) in any of the "
-          f"{num_slices} slices of {self.where}: nothing to take a tumour mask from; use "
-          f"a split with tumours (e.g. --split=train)")
+          f"{counted} slices of {self.dataset} split(s) {where}: nothing to take a tumour mask "
+          f"from; use a --donor_split with tumours (or leave it unset: every split)")
 
   def make_job(self, i: int, src: int, record, rng: np.random.Generator) -> Job:
     labels = label_map(record).astype(np.uint8)
@@ -371,7 +407,8 @@ class TumorScenario(Scenario):
   def _donor_order(self, src: int, record, rng: np.random.Generator) -> list[_Donor]:
     case_id = text(record[records.CASE_ID])
     others = [d for d in self.donors if d.case_id != case_id]
-    same = [d for d in self.donors if d.case_id == case_id and d.source_index != src]
+    same = [d for d in self.donors if d.case_id == case_id and (d.split, d.source_index) != (
+        None, src)]
     # Prefer tumours of other cases; the same case (other slices) only as a fallback.
     order = [others[j] for j in rng.permutation(len(others))]
     order += [same[j] for j in rng.permutation(len(same))]
@@ -394,6 +431,7 @@ class TumorScenario(Scenario):
         off = tuple(int(v) for v in offsets[int(rng.integers(len(offsets)))])
         placed = masks.shift_mask(tumour, off, host.shape)
       return placed, {"donor_case": d.case_id, "donor_slice": d.slice_index,
+                      "donor_split": d.split or self.split,
                       "offset": (int(off[0]), int(off[1]))}
     raise NothingFits(f"none of {len(order)} tumour masks tried fits inside the host organ "
                       f"({int(host.sum())} px){self._at()}")
@@ -420,14 +458,18 @@ class Planner:
     data_config: the run's config.data (mask labels, dilation, bbox margin, spacing).
     spec: a ScenarioSpec (or a runner.GenerateSpec): scenario, seed and its options.
     split: the split's name (for messages).
+    open_split: split name -> its records, to read other splits (tumour donors); None: only
+      `source` is read.
   """
 
   def __init__(self, source, meta: Mapping[str, Any], data_config: Any, spec: ScenarioSpec,
-               *, split: str | None = None, progress: bool = True):
+               *, split: str | None = None, progress: bool = True,
+               open_split: Callable[[str], Any] | None = None):
     self.source, self.meta, self.spec = source, dict(meta), spec
     dataset = meta.get("dataset", meta.get("config", "?"))
     self.where = f"split {split!r} of {dataset}" if split else dataset
     self.scenario = SCENARIOS[spec.scenario](meta, data_config, spec, self.where)
+    self.scenario.attach(split, open_split)
     self.skipped: dict[str, str] = {}  # 'case/slice' -> reason
     self._scan(progress)
 

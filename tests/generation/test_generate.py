@@ -118,6 +118,18 @@ def source_records(config, split):
   return source
 
 
+def find_record(config, case_id: str, slice_index: int):
+  """The record of case/slice in whichever split holds it (a case is in one split)."""
+  for split in ("train", "validation", "test"):
+    source = source_records(config, split)
+    for i in range(len(source)):
+      rec = source[i]
+      if (rec[records.CASE_ID].decode(), int(rec[records.SLICE_INDEX])) == (case_id,
+                                                                           slice_index):
+        return rec
+  raise AssertionError(f"no record {case_id}/{slice_index} in any split")
+
+
 def load_slice(path) -> tuple[np.ndarray, nib.Nifti1Image]:
   img = nib.load(str(path))
   arr = np.asarray(img.dataobj)
@@ -444,12 +456,10 @@ def test_tumor_is_placed_inside_host_organ_and_labelled(tmp_path, data, inpainte
     # A's own lesion and every other label are kept.
     np.testing.assert_array_equal(seg[~placed], src_lab[~placed])
     np.testing.assert_array_equal(ct[mask == 0], rec[records.IMAGE][..., 0][mask == 0])
-    # The train split has tumours in both of its cases: the donor is another case.
+    # Every split has tumours: the donor is another case (of any split).
     assert r["donor_case"] and r["donor_case"] != r["source_case"]
     # The placed tumour is the donor's tumour component, translated by the offset.
-    donor = [source[i] for i in range(len(source))
-             if source[i][records.CASE_ID].decode() == r["donor_case"]
-             and int(source[i][records.SLICE_INDEX]) == int(r["donor_slice"])][0]
+    donor = find_record(config, r["donor_case"], int(r["donor_slice"]))
     dy, dx = int(r["offset_dy"]), int(r["offset_dx"])
     moved = np.zeros_like(placed)
     rr, cc = np.nonzero(placed)
@@ -474,6 +484,72 @@ def test_tumor_offset_given_and_nothing_fits(data):
   with pytest.raises(scenarios.ScenarioError, match=r"no tumour mask fits .*offset \(200, 200\)"
                      r".*phantom_\d+/\d+"):
     next(far.jobs(1))
+
+
+class _NoLesion:
+  """A split's records with the lesion relabelled as host organ (a split without tumours)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    rec = dict(self.source[i])
+    rec[records.LABELS] = np.where(rec[records.LABELS] == LESION, 1, rec[records.LABELS])
+    return rec
+
+
+def test_tumor_donors_come_from_any_split(data):
+  """Hosts from --split, donor tumour masks from every split (or --donor_split)."""
+  config = make_config(data["tfds"])
+  meta = sources.metadata(config)
+  splits = {s: source_records(config, s) for s in ("train", "validation", "test")}
+  cases = {s: {src[i][records.CASE_ID].decode() for i in range(len(src))}
+           for s, src in splits.items()}
+  test = _NoLesion(splits["test"])  # hosts without any tumour, as in a healthy test split
+  open_split = lambda s: test if s == "test" else splits[s]
+
+  def planner(open_split=open_split, **kw):
+    spec = scenarios.ScenarioSpec("tumor", seed=1, **kw)
+    return scenarios.Planner(test, meta, config.data, spec, split="test", progress=False,
+                             open_split=open_split)
+
+  jobs = list(planner().jobs(12))
+  donor_splits = {j.info["donor_split"] for j in jobs}
+  assert donor_splits <= {"train", "validation"} and len(donor_splits) == 2, donor_splits
+  for j in jobs:
+    assert j.info["donor_case"] in cases[j.info["donor_split"]]
+    assert j.case_id in cases["test"] and np.any(j.labels == LESION)
+  jobs = list(planner(donor_split="train").jobs(6))
+  assert {j.info["donor_case"] for j in jobs} <= cases["train"]
+  assert {j.info["donor_split"] for j in jobs} == {"train"}
+  # Only the tumour-free split as donors (or no way to open the others): a clear error.
+  for kw in ({"donor_split": "test"}, {"open_split": None}):
+    with pytest.raises(scenarios.ScenarioError, match=r"nothing to take a tumour mask from"
+                       r".*--donor_split"):
+      planner(**kw)
+  with pytest.raises(scenarios.ScenarioError, match=r"'nope' is not a split"):
+    planner(donor_split="nope")
+  with pytest.raises(scenarios.ScenarioError, match="only used by --scenario=tumor"):
+    scenarios.ScenarioSpec("organ", donor_split="train")
+  # Through the runner, the donors of a test-split run come from every split by default.
+  run_planner, _, _ = runner.make_planner(config, runner.GenerateSpec("tumor", split="test"),
+                                          progress=False)
+  assert {d.split for d in run_planner.scenario.donors} == {None, "train", "validation"}
+
+
+def test_tumor_host_labels_drop_the_configs_lesion_id(data):
+  """Lesion training may list the lesion in config.data.mask_labels; the host never has it."""
+  config = make_config(data["tfds"])
+  config.data.mask_labels = (1, LESION)
+  planner, _, _ = runner.make_planner(config, runner.GenerateSpec("tumor", split="train"),
+                                      progress=False)
+  assert planner.label_ids == (1,)
+  with pytest.raises(scenarios.ScenarioError, match="must not include the lesion"):
+    runner.make_planner(config, runner.GenerateSpec("tumor", split="train", labels=(1, LESION)),
+                        progress=False)
 
 
 # ---------------------------------------------------------------------------- mask files
@@ -562,14 +638,19 @@ def test_cli_tumor_run_and_missing_checkpoint(tmp_path, data, workdir):
   common = ["--config=configs/kidney_tumor.py:smoke", f"--config.data_dir={data['tfds']}",
             f"--config.image_size={SIZE}", f"--config.spacing_mm={SPACING}"]
   out = tmp_path / "cli"
-  proc = _cli(common + [f"--workdir={workdir}", "--scenario=tumor", "--split=train",
-                        "--num_samples=3", "--steps=2", "--sampler=ddim", f"--output_dir={out}",
-                        "--formats=png"])
+  proc = _cli(common + [f"--workdir={workdir}", "--scenario=tumor", "--split=test",
+                        "--donor_split=train", "--num_samples=3", "--steps=2", "--sampler=ddim",
+                        f"--output_dir={out}", "--formats=png"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "generated 3 slices (tumor)" in proc.stdout and "figure4.png" in proc.stdout
   with open(out / "manifest.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 3 and all(r["png_file"] and not r["ct_file"] for r in rows)
+  # Hosts from the test split, donor tumours from --donor_split=train.
+  train = source_records(make_config(data["tfds"]), "train")
+  train_cases = {train[i][records.CASE_ID].decode() for i in range(len(train))}
+  assert all(r["donor_case"] in train_cases and r["source_case"] not in train_cases
+             for r in rows)
   bad = _cli(common + [f"--workdir={tmp_path / 'missing'}", f"--output_dir={tmp_path / 'x'}"])
   assert bad.returncode == 1
   assert "error" in bad.stderr and "missing" in bad.stderr and "Traceback" not in bad.stderr
