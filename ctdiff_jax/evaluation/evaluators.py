@@ -25,9 +25,8 @@ import numpy as np
 from ctdiff_jax.data import masks as masks_lib
 from ctdiff_jax.evaluation import fid
 from ctdiff_jax.evaluation import image_metrics
+from ctdiff_jax.evaluation.tables import FID_KINDS, IMAGE_METRICS
 
-FID_KINDS = ("fid_whole", "fid_crop")
-IMAGE_METRICS = ("mae_hu", "psnr_db", "ssim")
 
 
 @dataclasses.dataclass
