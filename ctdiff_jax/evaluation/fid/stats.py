@@ -23,9 +23,14 @@ class FIDResult:
   n2: int
   std: float | None = None
   n_bootstrap: int | None = None
+  ci: tuple[float, float] | None = None  # 2.5 / 97.5 percentiles of the bootstrap FIDs
+  paired: bool | None = None  # whether the bootstrap resampled both sets with one index
 
   def __str__(self) -> str:
-    spread = f" +- {self.std:.3f} (bootstrap x{self.n_bootstrap})" if self.std is not None else ""
+    spread = ""
+    if self.std is not None:
+      kind = "paired " if self.paired else ""
+      spread = f" +- {self.std:.3f} ({kind}bootstrap x{self.n_bootstrap})"
     return f"FID {self.fid:.3f}{spread} [n1={self.n1}, n2={self.n2}]"
 
 
@@ -189,27 +194,62 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> FIDResult:
   return FIDResult(frechet_distance(a.mean, a.cov, b.mean, b.cov), a.n, b.n)
 
 
-def fid_bootstrap(feats1: np.ndarray, feats2: np.ndarray, n: int = 10,
-                  rng: np.random.Generator | int | None = 0) -> tuple[float, float]:
-  """Mean and std (ddof=1) of FID over `n` resamplings with replacement of both sets."""
-  f1, f2 = _check_features(feats1, "feats1"), _check_features(feats2, "feats2")
+def bootstrap_indices(n1: int, n2: int, n: int, rng: np.random.Generator | int | None = 0,
+                      paired: bool | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+  """`n` (rows of set 1, rows of set 2) resamples with replacement.
+
+  Paired (the default when n1 == n2): ONE index vector for both sets, so row i of set 1 and
+  row i of set 2 (the same slice, real and generated) stay together. Resampling paired sets
+  independently adds the between-slice variance twice and inflates FID, its spread most of
+  all. For two independent sets of equal size the paired draw is just as valid (it pairs
+  rows arbitrarily); sets of different sizes can only be resampled independently.
+  """
   if n < 2:
     raise ValueError(f"bootstrap needs n >= 2 resamples, got {n}")
+  if paired is None:
+    paired = n1 == n2
+  if paired and n1 != n2:
+    raise ValueError(f"a paired bootstrap needs sets of equal size, got {n1} and {n2}")
   rng = np.random.default_rng(rng)
-  vals = []
+  out = []
   for _ in range(n):
-    s1 = f1[rng.integers(0, len(f1), len(f1))]
-    s2 = f2[rng.integers(0, len(f2), len(f2))]
-    vals.append(frechet_distance_features(s1, s2))
+    i1 = rng.integers(0, n1, n1)
+    out.append((i1, i1 if paired else rng.integers(0, n2, n2)))
+  return out
+
+
+def bootstrap_values(feats1: np.ndarray, feats2: np.ndarray, n: int = 10,
+                     rng: np.random.Generator | int | None = 0,
+                     paired: bool | None = None) -> np.ndarray:
+  """FID of each of `n` resamples (see bootstrap_indices)."""
+  f1, f2 = _check_features(feats1, "feats1"), _check_features(feats2, "feats2")
+  return np.array([frechet_distance_features(f1[i1], f2[i2])
+                   for i1, i2 in bootstrap_indices(len(f1), len(f2), n, rng, paired)])
+
+
+def fid_bootstrap(feats1: np.ndarray, feats2: np.ndarray, n: int = 10,
+                  rng: np.random.Generator | int | None = 0,
+                  paired: bool | None = None) -> tuple[float, float]:
+  """Mean and std (ddof=1) of FID over `n` resamples (paired when the sizes are equal)."""
+  vals = bootstrap_values(feats1, feats2, n, rng, paired)
   return float(np.mean(vals)), float(np.std(vals, ddof=1))
 
 
 def fid_from_features(feats1: np.ndarray, feats2: np.ndarray, bootstrap: int = 0,
-                      rng: np.random.Generator | int | None = 0) -> FIDResult:
-  """FID of two feature sets; with bootstrap > 1 also its bootstrap std."""
+                      rng: np.random.Generator | int | None = 0,
+                      paired: bool | None = None) -> FIDResult:
+  """FID of two feature sets; with bootstrap > 1 also its bootstrap std and 95% interval.
+
+  paired: resample one index vector for both sets (rows are the same items); None: paired
+  when the sets have equal size (see bootstrap_indices).
+  """
   f1, f2 = _check_features(feats1, "feats1"), _check_features(feats2, "feats2")
   fid = frechet_distance_features(f1, f2)
   if bootstrap > 1:
-    _, std = fid_bootstrap(f1, f2, bootstrap, rng)
-    return FIDResult(fid, len(f1), len(f2), std, bootstrap)
+    if paired is None:
+      paired = len(f1) == len(f2)
+    vals = bootstrap_values(f1, f2, bootstrap, rng, paired)
+    lo, hi = np.percentile(vals, [2.5, 97.5])
+    return FIDResult(fid, len(f1), len(f2), float(np.std(vals, ddof=1)), bootstrap,
+                     (float(lo), float(hi)), paired)
   return FIDResult(fid, len(f1), len(f2))
