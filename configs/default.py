@@ -16,9 +16,12 @@ import ml_collections
 from ml_collections import config_dict
 
 
-# HU range mapped to [-1, 1] for abdominal organs: the model's resolution goes to soft tissue
-# (air and bone outside the mask are pasted back from the input unchanged anyway).
-ABDOMEN_WINDOW = (-250.0, 350.0)
+# HU -> model-unit knots (data/transforms.py IntensityMap): a monotone piecewise-linear map
+# over the whole CT range [-1024, 3071] HU. Abdominal organs: soft tissue [-250, 350] HU keeps
+# 80% of [-1, 1] (slope 1.6/600 vs the old window's 2/600), but bone and gas stay representable,
+# so context/shape masks over spine, ribs and bowel gas are not clipped at +-1.
+ABDOMEN_INTENSITY_HU = (-1024.0, -250.0, 350.0, 3071.0)
+ABDOMEN_INTENSITY_UNIT = (-1.0, -0.8, 0.8, 1.0)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -35,7 +38,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.spacing_mm = 1.5  # In-plane spacing the dataset is resampled to.
   config.train_split = "train"  # Split to train on.
   config.eval_split = "test"  # Split that generate/evaluate read by default.
-  config.data = data_config()  # Masks, HU window, loader workers, augmentation.
+  config.data = data_config()  # Masks, intensity map, loader workers, augmentation.
   for field in ("dataset", "data_dir", "image_size", "spacing_mm"):  # One source of truth.
     setattr(config.data, field, config.get_ref(field))
 
@@ -92,7 +95,8 @@ def data_config() -> ml_collections.ConfigDict:
   fields (records' own spacing wins over spacing_mm).
   """
   data = ml_collections.ConfigDict()
-  data.hu_window = (-1000.0, 1000.0)  # HU mapped to [-1, 1]; organ configs narrow it.
+  data.intensity_hu = ABDOMEN_INTENSITY_HU  # HU knots of the map to [-1, 1] (increasing).
+  data.intensity_unit = ABDOMEN_INTENSITY_UNIT  # Their model units (from -1 to 1).
   data.mask_mode = "organ"  # "organ", "bbox", "shape", "lesion" or "mixed" (data/masks.py).
   data.mask_labels = ()  # Label ids whose union is the organ region; () = every organ.
   data.dilation_mm = 0.0  # organ mode: grow the organ mask by this many mm.
@@ -198,11 +202,13 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
 
 
 def for_dataset(dataset: str, variant: str = "", mask_mode: str = "organ",
-                hu_window: tuple[float, float] = ABDOMEN_WINDOW
+                intensity_hu: tuple[float, ...] = ABDOMEN_INTENSITY_HU,
+                intensity_unit: tuple[float, ...] = ABDOMEN_INTENSITY_UNIT
                 ) -> ml_collections.ConfigDict:
-  """The default config pointed at one dataset config, mask mode and model HU window."""
+  """The default config pointed at one dataset config, mask mode and HU -> unit knots."""
   config = get_config(variant)
   config.dataset = dataset
   config.data.mask_mode = mask_mode
-  config.data.hu_window = hu_window
+  config.data.intensity_hu = intensity_hu
+  config.data.intensity_unit = intensity_unit
   return config

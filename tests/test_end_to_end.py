@@ -100,7 +100,7 @@ def test_generate_scenario(run, scenario):
   assert {int(r["checkpoint_step"]) for r in rows} == {4}  # The latest checkpoint.
   source, _ = sources.open_split(config, "train")
   ecfg = transforms.ExampleConfig.from_data_config(config.data)
-  lo, hi = config.data.hu_window
+  lo, hi = config.data.intensity_hu[0], config.data.intensity_hu[-1]  # The model's HU range.
   lesion_id = 2  # kidney_tumor: kidney = 1, tumour = 2.
   donor_sources = [sources.open_split(config, s)[0]
                    for s, n in sources.metadata(config)["splits"].items() if n]

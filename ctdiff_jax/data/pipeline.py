@@ -16,7 +16,8 @@ Data config fields (`config.data`; the defaults are in configs/default.py):
   image_size        Slice size in pixels (the dataset is built at this size).
   spacing_mm        In-plane pixel spacing (mm) used for mm-based masks when a record carries
                     none; records' own `spacing_mm` wins.
-  hu_window         (lo, hi) HU mapped to [-1, 1] (values outside are clipped).
+  intensity_hu      Increasing HU knots of the piecewise-linear map to [-1, 1] (outside: clipped).
+  intensity_unit    Their model units, from -1 to 1 (data/transforms.py IntensityMap).
   mask_mode         'organ' | 'bbox' | 'shape' | 'lesion' | 'mixed' (see data/masks.py). Organ-free slices
                     in organ/bbox mode get a 'shape' mask.
   mask_labels       Label ids whose union is the organ region; () = every organ (label > 0).

@@ -1,14 +1,17 @@
-"""HU windowing and the Grain transforms that turn slice records into model examples.
+"""The HU <-> model intensity map and the Grain transforms that turn slice records into model examples.
 
 This is an importable module (not a closure in pipeline code) so Grain worker processes can
 unpickle the transforms.
 
 `hu_to_unit` / `unit_to_hu` are the one place that maps Hounsfield units to the model's [-1, 1]
-range and back; training, sampling and export all use them.
+range and back; training, sampling and export all use them. The map (`IntensityMap`, knots from
+config.data.intensity_hu / intensity_unit) is monotone piecewise-linear: most of [-1, 1] goes to
+the organ's soft tissue, but it reaches the whole CT range, so generated HU are not capped by a
+soft-tissue window (bone and gas inside a context/shape mask are representable).
 
 Per record (see ctdiff_jax/ingest/records.py), `MakeExample` produces:
 
-  image        float32 (H, W, 1) in [-1, 1]   windowed CT slice
+  image        float32 (H, W, 1) in [-1, 1]   CT slice through the intensity map
   mask         float32 (H, W, 1) in {0, 1}    1 = region to regenerate (see data/masks.py)
   cond         float32 (H, W, C)              concat([image * (1 - mask), mask]
                                                      + [prev, next] if neighbours)
@@ -29,7 +32,10 @@ import numpy as np
 from ctdiff_jax.ingest import records
 from ctdiff_jax.data import masks
 
-DEFAULT_WINDOW = (-1000.0, 1000.0)
+# The default intensity map, equal to configs/default.py's config.data (tests/test_defaults.py):
+# the whole CT range [-1024, 3071] HU, with soft tissue [-250, 350] HU on 80% of [-1, 1].
+DEFAULT_INTENSITY_HU = (-1024.0, -250.0, 350.0, 3071.0)
+DEFAULT_INTENSITY_UNIT = (-1.0, -0.8, 0.8, 1.0)
 # HU used for pixels shifted in by a random translation (air).
 AIR_HU = -1024
 
@@ -38,40 +44,71 @@ def _is_jax(x) -> bool:
   return type(x).__module__.startswith(("jax", "jaxlib"))
 
 
-def _check_window(window) -> tuple[float, float]:
-  lo, hi = float(window[0]), float(window[1])
-  if not hi > lo:
-    raise ValueError(f"HU window must have lo < hi, got {tuple(window)}")
-  return lo, hi
+def _increasing(v) -> bool:
+  return all(b > a for a, b in zip(v, v[1:]))
 
 
-def hu_to_unit(hu, window=DEFAULT_WINDOW):
-  """HU -> float32 in [-1, 1]: clip to the window, then map lo -> -1 and hi -> +1.
+@dataclasses.dataclass(frozen=True)
+class IntensityMap:
+  """A monotone piecewise-linear map between HU knots and model-unit knots.
 
-  Works on numpy arrays/scalars (returns numpy float32) and on jax arrays (returns jax float32).
+  `unit` runs from exactly -1 to exactly +1, so every model output in [-1, 1] has an HU. HU
+  outside [hu[0], hu[-1]] are clipped; inside, the map is exactly invertible. A (lo, hi) HU
+  window (display windows, older configs) is the two-knot map (lo, hi) -> (-1, 1).
   """
-  lo, hi = _check_window(window)
+
+  hu: tuple[float, ...]
+  unit: tuple[float, ...] = (-1.0, 1.0)
+
+  def __post_init__(self):
+    hu, unit = tuple(float(v) for v in self.hu), tuple(float(v) for v in self.unit)
+    object.__setattr__(self, "hu", hu)
+    object.__setattr__(self, "unit", unit)
+    if len(hu) < 2 or len(hu) != len(unit):
+      raise ValueError(f"an intensity map / HU window needs >= 2 knots and as many HU as unit "
+                       f"knots, got hu={hu} unit={unit}")
+    if not (_increasing(hu) and _increasing(unit)):
+      raise ValueError(f"intensity map / HU window knots must increase strictly (lo < hi), "
+                       f"got hu={hu} unit={unit}")
+    if unit[0] != -1.0 or unit[-1] != 1.0:
+      raise ValueError(f"intensity unit knots must run from -1 to 1, got {unit}")
+
+  @classmethod
+  def of(cls, spec) -> "IntensityMap":
+    """`spec` if it is an IntensityMap, else the map of a (lo, hi) HU window."""
+    return spec if isinstance(spec, IntensityMap) else cls(tuple(spec))
+
+
+DEFAULT_INTENSITY = IntensityMap(DEFAULT_INTENSITY_HU, DEFAULT_INTENSITY_UNIT)
+
+
+def hu_to_unit(hu, intensity=DEFAULT_INTENSITY):
+  """HU -> float32 in [-1, 1] through `intensity` (an IntensityMap or a (lo, hi) window).
+
+  HU outside the knots' range are clipped. Works on numpy arrays/scalars (numpy float32,
+  computed in float64) and on jax arrays (jax float32).
+  """
+  imap = IntensityMap.of(intensity)
   if _is_jax(hu):
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     x = jnp.asarray(hu, jnp.float32)
-    return jnp.clip((x - lo) * (2.0 / (hi - lo)) - 1.0, -1.0, 1.0)
-  x = np.asarray(hu, np.float64)
-  return np.clip((x - lo) * (2.0 / (hi - lo)) - 1.0, -1.0, 1.0).astype(np.float32)
+    return jnp.interp(x, jnp.asarray(imap.hu, jnp.float32), jnp.asarray(imap.unit, jnp.float32))
+  return np.interp(np.asarray(hu, np.float64), imap.hu, imap.unit).astype(np.float32)
 
 
-def unit_to_hu(x, window=DEFAULT_WINDOW):
-  """[-1, 1] -> HU (the inverse of hu_to_unit inside the window; values are clipped to [-1, 1]).
+def unit_to_hu(x, intensity=DEFAULT_INTENSITY):
+  """[-1, 1] -> HU, the exact inverse of hu_to_unit on the knots' range (x clipped to [-1, 1]).
 
   Numpy input gives float64 if it was float64, else float32; jax input gives a jax array.
   """
-  lo, hi = _check_window(window)
+  imap = IntensityMap.of(intensity)
   if _is_jax(x):
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    return (jnp.clip(x, -1.0, 1.0) + 1.0) * (0.5 * (hi - lo)) + lo
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.interp(x, jnp.asarray(imap.unit, jnp.float32), jnp.asarray(imap.hu, jnp.float32))
   x = np.asarray(x)
   dtype = np.float64 if x.dtype == np.float64 else np.float32
-  out = (np.clip(x.astype(np.float64), -1.0, 1.0) + 1.0) * (0.5 * (hi - lo)) + lo
-  return out.astype(dtype)
+  return np.interp(x.astype(np.float64), imap.unit, imap.hu).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +117,8 @@ class ExampleConfig:
 
   # Only for fields a data config lacks: equal to configs/default.py's config.data
   # (tests/test_defaults.py checks it).
-  hu_window: tuple[float, float] = DEFAULT_WINDOW
+  intensity_hu: tuple[float, ...] = DEFAULT_INTENSITY_HU
+  intensity_unit: tuple[float, ...] = DEFAULT_INTENSITY_UNIT
   mask_mode: str = "organ"
   mask_labels: tuple[int, ...] = ()
   dilation_mm: float = 0.0
@@ -97,13 +135,18 @@ class ExampleConfig:
   intensity_jitter: float = 0.0
 
   def __post_init__(self):
-    _check_window(self.hu_window)
+    IntensityMap(self.intensity_hu, self.intensity_unit)  # Raises on bad knots.
     if self.mask_mode not in masks.MODES:
       raise ValueError(f"unknown mask_mode {self.mask_mode!r}; expected one of {masks.MODES}")
     if not 0.0 <= self.flip_lr_prob <= 1.0:
       raise ValueError(f"flip_lr_prob must be in [0, 1], got {self.flip_lr_prob}")
     if self.translate_px < 0 or self.intensity_jitter < 0:
       raise ValueError("translate_px and intensity_jitter must be >= 0")
+
+  @property
+  def intensity(self) -> IntensityMap:
+    """The HU <-> [-1, 1] map of the model (data fields intensity_hu / intensity_unit)."""
+    return IntensityMap(self.intensity_hu, self.intensity_unit)
 
   @classmethod
   def from_data_config(cls, cfg: Any) -> "ExampleConfig":
@@ -181,7 +224,8 @@ def make_example(
     hu = {k: _translate(v, dy, dx, AIR_HU) for k, v in hu.items()}
     labels = _translate(labels, dy, dx, 0)
 
-  unit = {k: hu_to_unit(v, cfg.hu_window) for k, v in hu.items()}
+  imap = cfg.intensity
+  unit = {k: hu_to_unit(v, imap) for k, v in hu.items()}
   if cfg.intensity_jitter > 0:
     j = cfg.intensity_jitter
     scale, shift = 1.0 + rng.uniform(-j, j), rng.uniform(-j, j)
@@ -221,10 +265,11 @@ def assemble(unit: Mapping[str, np.ndarray], mask: np.ndarray, labels: np.ndarra
 def example_with_mask(record: Mapping[str, Any], cfg: ExampleConfig,
                       mask: np.ndarray) -> dict[str, np.ndarray]:
   """The model example of a record with a given (H, W) mask (generation; no augmentation)."""
-  unit = {records.IMAGE: hu_to_unit(_field(record, records.IMAGE), cfg.hu_window)}
+  imap = cfg.intensity
+  unit = {records.IMAGE: hu_to_unit(_field(record, records.IMAGE), imap)}
   if cfg.neighbours:
     for k in (records.PREV_IMAGE, records.NEXT_IMAGE):
-      unit[k] = hu_to_unit(_field(record, k), cfg.hu_window)
+      unit[k] = hu_to_unit(_field(record, k), imap)
   mask = np.asarray(mask, np.float32).reshape(unit[records.IMAGE].shape)
   labels = _field(record, records.LABELS).astype(np.uint8)
   return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours)

@@ -97,7 +97,7 @@ class Samples:
   source_labels: np.ndarray  # uint8 source label map
   labels: np.ndarray  # uint8 label map of the synthetic slice
   mask: np.ndarray  # uint8 0/1 region that was regenerated
-  generated: np.ndarray  # float32 model output in [-1, 1] (the HU window)
+  generated: np.ndarray  # float32 model output in [-1, 1] (the model's intensity map)
   generated_hu: np.ndarray  # int16: generated inside the mask, source HU outside
   info: list[dict[str, Any]]  # per sample scenario details (tumour donor, offset, ...)
   run: dict[str, Any] = dataclasses.field(default_factory=dict)  # checkpoint, skipped, ...
@@ -122,9 +122,13 @@ class Samples:
 
 
 def paste_hu(generated: np.ndarray, image_hu: np.ndarray, mask: np.ndarray,
-             window) -> np.ndarray:
-  """int16 HU: rint(unit_to_hu(generated)) where mask > 0, else `image_hu` unchanged."""
-  hu = np.rint(transforms.unit_to_hu(np.asarray(generated, np.float64), window))
+             intensity) -> np.ndarray:
+  """int16 HU: rint(unit_to_hu(generated)) where mask > 0, else `image_hu` unchanged.
+
+  `intensity` is the model's map (ExampleConfig.intensity): it reaches the whole CT range, so
+  bone and gas generated inside a context/shape mask are not clipped to a soft-tissue window.
+  """
+  hu = np.rint(transforms.unit_to_hu(np.asarray(generated, np.float64), intensity))
   hu = np.clip(hu, -32768, 32767).astype(np.int16)
   return np.where(np.asarray(mask) > 0, hu, np.asarray(image_hu, np.int16))
 
@@ -163,7 +167,7 @@ def make_planner(config, spec: GenerateSpec, *, progress: bool = True
   return planner, meta, split
 
 
-def _samples(jobs: list[scenarios.Job], generated: np.ndarray, window) -> Samples:
+def _samples(jobs: list[scenarios.Job], generated: np.ndarray, intensity) -> Samples:
   stack = lambda key: np.stack([np.asarray(j.record[key]).reshape(generated.shape[1:])
                                 for j in jobs])
   image_hu = stack(records.IMAGE).astype(np.int16)
@@ -183,7 +187,7 @@ def _samples(jobs: list[scenarios.Job], generated: np.ndarray, window) -> Sample
       labels=np.stack([j.labels for j in jobs]).astype(np.uint8)[..., None],
       mask=mask,
       generated=np.asarray(generated, np.float32),
-      generated_hu=paste_hu(generated, image_hu, mask, window),
+      generated_hu=paste_hu(generated, image_hu, mask, intensity),
       info=[dict(j.info) for j in jobs],
   )
 
@@ -212,7 +216,7 @@ def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Plan
       done += len(part)
       bar.update(len(part))
       bar.set_postfix(slices_per_s=f"{done / max(time.time() - t0, 1e-9):.2f}")
-      yield _samples(part, generated, ecfg.hu_window)
+      yield _samples(part, generated, ecfg.intensity)
   finally:
     bar.close()
 
@@ -253,7 +257,9 @@ def _run_info(config, inpainter, planner, meta, split):
 
 def display_window(config) -> tuple[float, float]:
   """The HU window of the previews and Figure 4 (the FID window when the config has one)."""
-  return tuple(config.eval.fid_window) if "eval" in config else tuple(config.data.hu_window)
+  if "eval" in config:
+    return tuple(config.eval.fid_window)
+  return (float(config.data.intensity_hu[0]), float(config.data.intensity_hu[-1]))
 
 
 def generate(config, checkpoint, spec: GenerateSpec, output_dir: str, *,

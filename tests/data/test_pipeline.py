@@ -93,12 +93,16 @@ def test_hu_window_round_trip_against_float64():
 
 def test_hu_window_on_jax_arrays():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  hu = np.array([-1500.0, -1000.0, 0.0, 350.0, 1000.0, 3000.0])
-  x = transforms.hu_to_unit(jnp.asarray(hu))
+  hu = np.array([-1500.0, -1000.0, 0.0, 350.0, 1000.0, 3000.0, 4000.0])
+  x = transforms.hu_to_unit(jnp.asarray(hu))  # The default map: the whole CT range.
   assert isinstance(x, type(jnp.zeros(1))) and x.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(x), transforms.hu_to_unit(hu), rtol=0, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(transforms.unit_to_hu(x)), np.clip(hu, -1000, 1000),
-                             rtol=0, atol=1e-3)
+  # float32 over a 4095 HU range: ~1e-3 HU.
+  np.testing.assert_allclose(np.asarray(transforms.unit_to_hu(x)), np.clip(hu, -1024, 3071),
+                             rtol=0, atol=5e-3)
+  x = transforms.hu_to_unit(jnp.asarray(hu), (-1000.0, 1000.0))  # A (lo, hi) window.
+  np.testing.assert_allclose(np.asarray(transforms.unit_to_hu(x, (-1000.0, 1000.0))),
+                             np.clip(hu, -1000, 1000), rtol=0, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- examples
@@ -107,7 +111,8 @@ def test_hu_window_on_jax_arrays():
 @pytest.mark.parametrize("neighbours", [False, True])
 def test_make_example_channels(neighbours):
   cfg = transforms.ExampleConfig.from_data_config(
-      _cfg(neighbours=neighbours, hu_window=(-500.0, 500.0), mask_mode="organ"))
+      _cfg(neighbours=neighbours, intensity_hu=(-500.0, 500.0), intensity_unit=(-1.0, 1.0),
+           mask_mode="organ"))
   rec = _record(1)
   ex = transforms.make_example(rec, cfg, np.random.default_rng(0))
   c = pipeline.cond_channels(_cfg(neighbours=neighbours))

@@ -444,7 +444,7 @@ def test_columns_come_from_their_own_checkpoints(evaluated, smoke_run, pix2pix_r
     inpainter = inference.Inpainter(cfg, ckpt)
     assert inpainter.batch_size * runner.CHUNK_BATCHES >= 6  # one chunk: chunk_seed(seed, 0)
     out = inpainter.inpaint(batch, runner.chunk_seed(0, 0), progress=False)
-    want = runner.paste_hu(out[..., 0], col.real, col.mask, ecfg.hu_window)
+    want = runner.paste_hu(out[..., 0], col.real, col.mask, ecfg.intensity)
     np.testing.assert_array_equal(col.generated, want, err_msg=name)
   assert not np.array_equal(columns["pix2pix"].generated, columns["diffusion"].generated)
 

@@ -163,7 +163,7 @@ def test_manifest_rows_cycle_over_source_slices(organ_export):
 def test_nifti_outside_mask_is_source_hu_bit_for_bit(organ_export):
   config, rows, out = organ_export["config"], organ_export["rows"], organ_export["out"]
   source = source_records(config, "test")
-  lo, hi = config.data.hu_window
+  lo, hi = config.data.intensity_hu[0], config.data.intensity_hu[-1]  # The model's HU range.
   inside_changed = 0
   for r in rows:
     rec = source[int(r["source_index"])]
@@ -412,8 +412,8 @@ def test_ddim_same_seed_same_slices_and_paste_back_numerics(data, inpainter):
   np.testing.assert_array_equal(a.generated_hu[~m], a.image_hu[~m])
   # Inside: rint of the HU of the model output, against a float64 reference (exact: the
   # paste-back maps in float64 too).
-  lo, hi = config.data.hu_window
-  ref = np.rint((np.clip(a.generated.astype(np.float64), -1, 1) + 1) * (hi - lo) / 2 + lo)
+  ref = np.rint(np.interp(a.generated.astype(np.float64), config.data.intensity_unit,
+                          config.data.intensity_hu))
   np.testing.assert_array_equal(a.generated_hu[m], ref[m].astype(np.int16))
   # The context mask is the organs' bounding box plus the margin (10 mm -> 1 px at 12 mm).
   for j in range(len(a)):
