@@ -5,12 +5,15 @@
 Stages (each prints its timing; everything lands under --output_dir):
   1. a procedural phantom CT cohort with kidney/liver lesions       raw/
   2. the `kidneys` and `kidney_tumor` TFDS slice datasets           tfds/
-  3. the smoke diffusion model on kidneys (organ masks), a second   runs/diffusion_kidneys/
-     on kidney_tumor (mixed masks, for the tumour scenario), and    runs/diffusion_kidney_tumor/
-     the smoke Pix2Pix baseline on kidneys                          runs/pix2pix_kidneys/
+  3. the smoke diffusion models: kidneys (organ masks, organ        runs/diffusion_kidneys/
+     scenario), kidney_tumor (lesion masks, tumour scenario),       runs/diffusion_kidney_tumor/
+     context (boxes + margin and free shapes on kidneys, context    runs/diffusion_context/
+     scenario), and the smoke Pix2Pix baseline on kidneys           runs/pix2pix_kidneys/
   4. the three generation scenarios (organ, context, tumor)         synthetic/<scenario>/
   5. Table 1 (Pix2Pix | Diffusion | Neighbouring slice FID)         report/
-  6. report/: figure4.png, table1.md, training_loss.png, paths to the synthetic datasets.
+  6. report/: figure4.png, table1.md, scenarios.md (each scenario vs the ring-mean fill, the
+     tumour's W1 to real lesions vs to the replaced host), training_loss.png, paths to the
+     synthetic datasets.
 
 Defaults fit about 15 minutes on 2 CPU cores; on a GPU/TPU raise --steps, --image_size and
 use the non-smoke configs directly (`python -m ctdiff_jax.train --config=configs/kidneys.py`).
@@ -119,22 +122,51 @@ def _train(configs: dict, runs: dict[str, str], steps: int) -> None:
     _done(t0)
 
 
+# Each scenario's model: the organ, context and tumour scenarios need their own mask training.
+SCENARIO_MODELS = (("organ", "diffusion_kidneys"), ("context", "diffusion_context"),
+                   ("tumor", "diffusion_kidney_tumor"))
+
+
 def _generate(out: str, configs: dict, runs: dict[str, str], *, num_samples: int,
-              seed: int) -> dict[str, str]:
-  """Stage 4: the three scenarios; returns {scenario: synthetic dataset dir}."""
+              seed: int) -> tuple[dict[str, str], dict]:
+  """Stage 4: the three scenarios; returns ({scenario: synthetic dataset dir},
+  {scenario: the same samples in memory, for the report's scenario metrics})."""
   from ctdiff_jax.generation import runner  # pylint: disable=g-import-not-at-top
-  synthetic = {}
-  for scenario, name in (("organ", "diffusion_kidneys"), ("context", "diffusion_kidneys"),
-                         ("tumor", "diffusion_kidney_tumor")):
+  synthetic, samples = {}, {}
+  for scenario, name in SCENARIO_MODELS:
     t0 = _stage(f"4/6 generating {num_samples} slices: scenario {scenario}")
     dest = os.path.join(out, "synthetic", scenario)
     spec = runner.GenerateSpec(scenario=scenario, num_samples=num_samples, seed=seed,
                                tfds=True, overwrite=True)
-    summary = runner.generate(configs[name], runs[name], spec, dest)
+    inpainter = runner.load_inpainter(configs[name], runs[name])
+    summary = runner.generate(configs[name], inpainter, spec, dest)
     print(runner.format_summary(summary), flush=True)
+    # Same spec and model, so the same slices as the export (a few seconds at smoke size).
+    samples[scenario] = runner.generate_samples(configs[name], inpainter, spec, progress=False)
     synthetic[scenario] = dest
     _done(t0)
-  return synthetic
+  return synthetic, samples
+
+
+def _scenario_metrics(report: str, tumor_config, samples: dict) -> str:
+  """report/scenarios.md: each scenario vs the ring-mean fill; the tumour's W1 numbers."""
+  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.data import sources
+  from ctdiff_jax.evaluation import scenario_metrics as sm
+  # pylint: enable=g-import-not-at-top
+  rows = {s: sm.scenario_scores(x.image_hu, x.generated_hu, x.mask) for s, x in samples.items()}
+  meta = sources.metadata(tumor_config)
+  lesion_id = int(meta["lesion_label_id"])
+  # Real lesions of every split: the donors' own tissue (the test split may have none).
+  real = sm.lesion_hu([sources.open_split(tumor_config, s)[0]
+                       for s, n in meta["splits"].items() if n], lesion_id)
+  t = samples["tumor"]
+  tumor = sm.tumor_scores(t.image_hu, t.generated_hu, t.source_labels, t.labels, lesion_id,
+                          real)
+  path = os.path.join(report, "scenarios.md")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(sm.markdown(rows, tumor))
+  return path
 
 
 def _report(out: str, report: str, data_dir: str, runs: dict[str, str],
@@ -152,6 +184,7 @@ def _report(out: str, report: str, data_dir: str, runs: dict[str, str],
       "figure 4 (organ scenario)": os.path.join(report, "figure4.png"),
       "figure 4 (context, tumour)": os.path.join(report, "figure4_{context,tumor}.png"),
       "Table 1": os.path.join(report, "table1.md"),
+      "scenarios vs ring fill": os.path.join(report, "scenarios.md"),
       "training loss": os.path.join(report, "training_loss.png"),
       **{f"synthetic dataset ({s})": p for s, p in synthetic.items()},
       "TFDS datasets (real)": data_dir,
@@ -163,7 +196,7 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
         spacing_mm: float, num_samples: int, sampling_steps: int) -> dict[str, str]:
   """Runs every stage; returns the paths of the report's artefacts."""
   # pylint: disable=g-import-not-at-top
-  from configs import kidney_tumor, kidneys, pix2pix_kidneys
+  from configs import context, kidney_tumor, kidneys, pix2pix_kidneys
   from ctdiff_jax.evaluation import table1
   # pylint: enable=g-import-not-at-top
 
@@ -181,10 +214,12 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
               seed=seed, sampling_steps=sampling_steps)
   configs = {"diffusion_kidneys": smoke_config(kidneys, **args),
              "diffusion_kidney_tumor": smoke_config(kidney_tumor, **args),
+             "diffusion_context": smoke_config(context, **args),
              "pix2pix_kidneys": smoke_config(pix2pix_kidneys, **args)}
   runs = {name: os.path.join(out, "runs", name) for name in configs}
   _train(configs, runs, steps)
-  synthetic = _generate(out, configs, runs, num_samples=num_samples, seed=seed)
+  synthetic, samples = _generate(out, configs, runs, num_samples=num_samples, seed=seed)
+  _scenario_metrics(report, configs["diffusion_kidney_tumor"], samples)
 
   t0 = _stage("5/6 evaluation: Table 1 on the kidneys test split")
   table1.evaluate(configs["diffusion_kidneys"], runs["diffusion_kidneys"], report,
@@ -196,8 +231,9 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
   print(f"\nquickstart finished in {(time.time() - t_all) / 60:.1f} min. Results:")
   for k, v in paths.items():
     print(f"  {k:28s} {v}")
-  with open(os.path.join(report, "table1.md"), encoding="utf-8") as f:
-    print("\n" + f.read())
+  for name in ("table1.md", "scenarios.md"):
+    with open(os.path.join(report, name), encoding="utf-8") as f:
+      print("\n" + f.read())
   return paths
 
 

@@ -46,9 +46,15 @@ def test_quickstart_tiny(tiny_models, fid_source, tmp_path, monkeypatch):
                          spacing_mm=12.0, num_samples=2, sampling_steps=2)
   report = out / "report"
   for name in ("figure4.png", "figure4_context.png", "figure4_tumor.png", "table1.md",
-               "table1.csv", "table1.json", "per_slice.csv", "training_loss.png"):
+               "table1.csv", "table1.json", "per_slice.csv", "training_loss.png",
+               "scenarios.md"):
     assert (report / name).is_file() and (report / name).stat().st_size > 0, name
   assert paths["Table 1"] == str(report / "table1.md")
+  # Each scenario beside the ring-mean fill, and the tumour's three W1 numbers.
+  scen = (report / "scenarios.md").read_text()
+  for scenario in ("organ", "context", "tumor"):
+    assert f"| {scenario} | 2 |" in scen, scen
+  assert "W1(generated, real lesions) =" in scen and "W1(generated, replaced host) =" in scen
   for scenario in ("organ", "context", "tumor"):
     with open(out / "synthetic" / scenario / "manifest.csv", newline="") as f:
       assert len(list(csv.DictReader(f))) == 2, scenario
