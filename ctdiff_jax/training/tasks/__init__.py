@@ -11,12 +11,14 @@ from __future__ import annotations
 from ctdiff_jax.training.tasks import base
 from ctdiff_jax.training.tasks import diffusion
 from ctdiff_jax.training.tasks import pix2pix
+from ctdiff_jax.training.tasks import segmentation
 
 Task = base.Task
 
 TASKS: dict[str, type[base.Task]] = {
     "diffusion": diffusion.DiffusionTask,
     "pix2pix": pix2pix.Pix2PixTask,
+    "segmentation": segmentation.SegmentationTask,
 }
 
 
