@@ -11,13 +11,12 @@ The work is done by ctdiff_jax/generation (runner, scenarios, export).
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 
+from ctdiff_jax import cli
 from ctdiff_jax.diffusion import sampling
 from ctdiff_jax.generation import export
 from ctdiff_jax.generation import runner
@@ -72,22 +71,17 @@ def main(argv: Sequence[str]) -> None:
     labels = [int(v) for v in fl.labels] if fl.labels else None
   except ValueError:
     raise app.UsageError(f"--labels must be integer ids, got {fl.labels}") from None
-  try:
-    spec = runner.GenerateSpec(
-        scenario=fl.scenario, num_samples=fl.num_samples, seed=fl.seed, split=fl.split,
-        steps=fl.steps, sampler=fl.sampler, checkpoint_step=fl.checkpoint_step, labels=labels,
-        margin_mm=fl.margin_mm, mask_file=fl.mask_file, offset=fl.offset,
-        blend_px=fl.blend_px, donor_split=fl.donor_split, formats=fl.formats, tfds=fl.tfds,
-        volumes=fl.volumes, overwrite=fl.overwrite)
-    summary = runner.generate(fl.config, checkpoint, spec, fl.output_dir)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    # Bad input (scenario, dataset, mask, checkpoint): the message says what to fix.
-    logging.debug("generate failed", exc_info=True)
-    print(f"ctdiff_jax.generate: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  spec = runner.GenerateSpec(
+      scenario=fl.scenario, num_samples=fl.num_samples, seed=fl.seed, split=fl.split,
+      steps=fl.steps, sampler=fl.sampler, checkpoint_step=fl.checkpoint_step, labels=labels,
+      margin_mm=fl.margin_mm, mask_file=fl.mask_file, offset=fl.offset,
+      blend_px=fl.blend_px, donor_split=fl.donor_split, formats=fl.formats, tfds=fl.tfds,
+      volumes=fl.volumes, overwrite=fl.overwrite)
+  summary = runner.generate(fl.config, checkpoint, spec, fl.output_dir)
   print(runner.format_summary(summary))
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  # Bad input (scenario, dataset, mask, checkpoint, output_dir) is one error line.
+  cli.run(main, "ctdiff_jax.generate", uses_tfds=True)

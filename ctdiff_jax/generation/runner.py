@@ -193,10 +193,12 @@ def _samples(jobs: list[scenarios.Job], generated: np.ndarray, intensity) -> Sam
 
 
 def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Planner,
-                 num_samples: int, *, progress: bool = True) -> Iterator[Samples]:
+                 num_samples: int, *, progress: bool = True,
+                 wanted=None) -> Iterator[Samples]:
   """Generates `num_samples` slices of the planner's jobs in chunks of CHUNK_BATCHES batches.
 
-  The noise of chunk c comes from chunk_seed(planner.spec.seed, c).
+  The noise of chunk c comes from chunk_seed(planner.spec.seed, c). A chunk whose sample
+  indices `wanted(indices)` declines (an export resumed) is skipped, not generated.
   """
   ecfg = transforms.ExampleConfig.from_data_config(config.data)
   spec = planner.spec
@@ -210,6 +212,9 @@ def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Plan
       part = list(itertools.islice(jobs, chunk))
       if not part:
         break
+      if wanted is not None and not wanted([j.index for j in part]):
+        bar.update(len(part))
+        continue
       examples = [transforms.example_with_mask(j.record, ecfg, j.mask) for j in part]
       batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "cond")}
       generated = inpainter.inpaint(batch, chunk_seed(spec.seed, c), progress=False)
@@ -270,18 +275,19 @@ def generate(config, checkpoint, spec: GenerateSpec, output_dir: str, *,
   """
   t0 = time.time()
   output_dir = os.path.abspath(os.path.expanduser(output_dir))
-  if os.path.exists(os.path.join(output_dir, "manifest.csv")) and not spec.overwrite:
-    raise FileExistsError(f"{output_dir} already holds an export (manifest.csv); use another "
-                          f"--output_dir or --overwrite")
+  request = export.request_of(spec, config)  # an interrupted run of it is resumed (export/)
+  export.check_output_dir(output_dir, request, spec.overwrite)
   planner, meta, split = make_planner(config, spec, progress=progress)
   inpainter = _inpainter(config, checkpoint, spec)
   run = _run_info(config, inpainter, planner, meta, split)
   exporter = export.Exporter(
       output_dir, meta, spec.num_samples, formats=spec.formats, tfds=spec.tfds,
       volumes=spec.volumes, display_window=display_window(config),
-      provenance={k: v for k, v in run.items() if k != "skipped"})
+      provenance={k: v for k, v in run.items() if k != "skipped"}, request=request,
+      overwrite=spec.overwrite)
   t_gen = time.time()
-  for part in iter_samples(config, inpainter, planner, spec.num_samples, progress=progress):
+  for part in iter_samples(config, inpainter, planner, spec.num_samples, progress=progress,
+                           wanted=exporter.wanted):
     exporter.add(part)
   gen_seconds = time.time() - t_gen
   written = exporter.finish()

@@ -3,6 +3,11 @@
 Layout: `<workdir>/checkpoints/<step>/{state,data}`. The state is saved unreplicated (one copy,
 no device axis), so a run restores onto any device count; `data` is the Grain iterator state
 (per process), so a resumed run continues the exact batch sequence.
+
+A save is written into `<step>.orbax-checkpoint-tmp-*` and renamed to `<step>` once complete
+(Orbax's atomic rename), so a run killed mid-save (async saves run in a background thread)
+leaves only a temporary folder: the next run resumes from the last complete step and the
+manager removes the leftover (the trainer holds the workdir lock, so no other run is saving).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ def create_manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = Tru
   if with_data:
     handlers["data"] = grain.PyGrainCheckpointHandler()
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True)  # unfinished saves of a killed run (module docstring)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 

@@ -14,12 +14,17 @@ Layout of an export (`output_dir`):
                                   (records.tfds_features), array_record, split = source split
   manifest.csv                    one row per slice (MANIFEST_COLUMNS)
   figure4.png                     ground truth | masked input | generated, first rows
+  run.json                        what the export was asked for; `complete` once finished
 
 One exporter per output (base.Exporter: `add(samples)` per chunk, `finish() -> dict`):
 nifti.py (orientation: see there), png.py (previews, Figure 4), manifest.py, volumes.py,
 tfds.py (how to read the export like real data: see there). `Exporter` fans each chunk out to
 the ones a run asks for. Volumes and TFDS stream through on-disk spools (`.spool/`, numpy
 memmaps, deleted at the end), so endless exports do not have to fit in memory.
+
+A killed export loses nothing (resume.py): per-slice files are written before their manifest
+row, TFDS and volumes go to temporary folders renamed at the end, and running the same
+request again into the same output_dir resumes, skipping the slices already written.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ctdiff_jax.generation.export import base
 from ctdiff_jax.generation.export import manifest
 from ctdiff_jax.generation.export import nifti
 from ctdiff_jax.generation.export import png
+from ctdiff_jax.generation.export import resume
 from ctdiff_jax.generation.export import tfds
 from ctdiff_jax.generation.export import volumes
 
@@ -43,6 +49,8 @@ FIGURE_COLUMNS, FIGURE_ROWS = png.FIGURE_COLUMNS, png.FIGURE_ROWS
 FIGURE_TILE_PX = png.FIGURE_TILE_PX
 display_unit, figure4 = png.display_unit, png.figure4
 TFDS_VERSION, write_tfds = tfds.TFDS_VERSION, tfds.write_tfds
+RUN_FILE, request_of, check_output_dir = (
+    resume.RUN_FILE, resume.request_of, resume.check_output_dir)
 PAD_HU = volumes.PAD_HU
 
 # Per-slice file formats (--formats), in the order their files are written.
@@ -66,38 +74,71 @@ class Exporter:
     display_window: HU window of the PNGs and the figure.
     provenance: scenario, source_split, seed, checkpoint, checkpoint_step, ... (manifest,
       TFDS metadata).
+    request: what decides the slices (resume.request_of); with it the export keeps run.json
+      and resumes an interrupted export of the same request (resume.py); None: no run.json.
+    overwrite: start afresh even over an export (else check_output_dir may refuse).
   """
 
   def __init__(self, output_dir: str, meta: Mapping[str, Any], num_samples: int, *,
                formats: Sequence[str] = FORMATS, tfds: bool = False, volumes: bool = False,
-               display_window=(-160.0, 240.0), provenance: Mapping[str, Any] | None = None):
+               display_window=(-160.0, 240.0), provenance: Mapping[str, Any] | None = None,
+               request: Mapping[str, Any] | None = None, overwrite: bool = False):
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
       raise ValueError(f"unknown export format(s) {unknown}; expected some of {FORMATS}")
-    self.target = base.Target(os.path.abspath(output_dir), dict(meta), int(num_samples),
-                              tuple(float(v) for v in display_window), dict(provenance or {}))
-    os.makedirs(self.target.output_dir, exist_ok=True)
-    per_slice = [cls(self.target) for name, cls in SLICE_EXPORTERS.items() if name in formats]
-    files = {column: suffix for e in per_slice for column, suffix in e.files.items()}
+    output_dir = os.path.abspath(output_dir)
+    per_slice = [SLICE_EXPORTERS[name] for name in FORMATS if name in formats]
+    files = {column: suffix for cls in per_slice for column, suffix in cls.files.items()}
+    done = self._start(output_dir, request, overwrite, provenance or {}, files)
+    self.target = base.Target(output_dir, dict(meta), int(num_samples),
+                              tuple(float(v) for v in display_window), dict(provenance or {}),
+                              frozenset(done))
+    self.request = request
     self.parts: list[base.Exporter] = [
-        *per_slice, manifest.ManifestExporter(self.target, files),
-        png.FigureExporter(self.target)]
+        *(cls(self.target) for cls in per_slice),
+        manifest.ManifestExporter(self.target, files, done), png.FigureExporter(self.target)]
     wanted = {"volumes": volumes, "tfds": tfds}
     self.parts += [cls(self.target) for name, cls in OPTIONAL_EXPORTERS.items() if wanted[name]]
 
+  @staticmethod
+  def _start(output_dir, request, overwrite, provenance, files) -> dict[int, dict[str, str]]:
+    """Checks output_dir, writes run.json; returns the rows an interrupted run left to keep."""
+    os.makedirs(output_dir, exist_ok=True)
+    if request is None:
+      return {}
+    resuming = resume.check_output_dir(output_dir, request, overwrite)
+    if resuming:
+      resume.check_provenance(output_dir, provenance)
+    resume.write_run(output_dir, {"request": request, "provenance": provenance,
+                                  "complete": False})
+    return resume.done_rows(output_dir, files) if resuming else {}
+
+  @property
+  def resumed(self) -> int:
+    """Slices an interrupted earlier run had written (kept, not written again)."""
+    return len(self.target.done)
+
+  def wanted(self, indices: Sequence[int]) -> bool:
+    """Whether a chunk of these sample indices must be generated (False: all written)."""
+    return any(part.needs(indices) for part in self.parts)
+
   def add(self, samples) -> None:
-    """Hands one chunk (a runner.Samples) to every exporter."""
+    """Hands one chunk (a runner.Samples) to every exporter (per-slice files before rows)."""
     for part in self.parts:
       part.add(samples)
 
   def finish(self) -> dict[str, Any]:
     """Finishes every exporter (manifest, figure, volumes, TFDS); returns what went where."""
     out: dict[str, Any] = {"output_dir": self.target.output_dir,
-                           "slice_files": sum(p.slice_files for p in self.parts)}
+                           "slice_files": sum(p.slice_files for p in self.parts),
+                           "resumed_slices": self.resumed}
     try:
       for part in self.parts:
         out.update(part.finish())
     finally:
       for part in self.parts:
         part.close()
+    if self.request is not None:
+      resume.write_run(self.target.output_dir, {"request": self.request, "complete": True,
+                                                "provenance": self.target.provenance})
     return out

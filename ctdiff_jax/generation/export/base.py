@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -22,7 +22,8 @@ class Target:
 
   meta: the source dataset's metadata; num_samples: slices that will be added (sizes the
   spools); window: HU display window of the PNGs and the figure; provenance: scenario,
-  source_split, seed, checkpoint, checkpoint_step, ... (manifest, TFDS metadata).
+  source_split, seed, checkpoint, checkpoint_step, ... (manifest, TFDS metadata); done: the
+  sample indices an interrupted run of the same export already wrote (resume.py).
   """
 
   output_dir: str
@@ -30,6 +31,7 @@ class Target:
   num_samples: int
   window: tuple[float, float]
   provenance: Mapping[str, Any]
+  done: frozenset[int] = frozenset()
 
   def path(self, *names: str) -> str:
     return os.path.join(self.output_dir, *names)
@@ -47,6 +49,14 @@ class Exporter:
 
   def add(self, samples) -> None:
     raise NotImplementedError
+
+  def needs(self, indices: Sequence[int]) -> bool:
+    """Whether a chunk of these sample indices must be generated for this exporter (resume)."""
+    return any(int(i) not in self.target.done for i in indices)
+
+  def todo(self, samples) -> list[int]:
+    """Positions in a chunk of the samples not written by an interrupted earlier run."""
+    return [j for j in range(len(samples)) if int(samples.index[j]) not in self.target.done]
 
   def finish(self) -> dict[str, Any]:
     return {}
@@ -69,11 +79,19 @@ def sample_stem(samples, j: int) -> str:
   return stem(int(samples.index[j]), samples.case_id[j], int(samples.slice_index[j]))
 
 
+def replace_dir(tmp: str, final: str) -> None:
+  """Moves a finished temporary folder to its final name (replacing an older one there)."""
+  if os.path.exists(final):
+    shutil.rmtree(final)
+  os.replace(tmp, final)
+
+
 class Spool:
   """Preallocated on-disk arrays (numpy memmaps) of some Samples fields, plus per-row meta.
 
   Lets the exporters that need every slice at the end (volumes, TFDS) stream endless runs
-  without holding them in memory; `close()` deletes the files.
+  without holding them in memory; `close()` deletes the files. Those exporters see every
+  slice, also on resume (their `needs` is always true): their output never mixes two runs.
   """
 
   def __init__(self, root: str, num: int, size: int, fields: Mapping[str, Any]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from typing import Any, Mapping
 
 from ctdiff_jax.generation.export import base
@@ -16,35 +17,60 @@ RUN_COLUMNS = ("scenario", "source_split", "seed", "checkpoint_step", "checkpoin
 
 
 class ManifestExporter(base.Exporter):
-  """Rows in sample order; `files` (column -> suffix) names the per-slice files written."""
+  """Rows in sample order; `files` (column -> suffix) names the per-slice files written.
 
-  def __init__(self, target: base.Target, files: Mapping[str, str]):
+  Rows are appended (and flushed) after the chunk's per-slice files, so a row means its files
+  are on disk also after a kill; `rows` are the rows an interrupted run left (resume.py), kept.
+  `finish` rewrites the file in index order.
+  """
+
+  def __init__(self, target: base.Target, files: Mapping[str, str],
+               rows: Mapping[int, Mapping[str, Any]] | None = None):
     super().__init__(target)
     self.file_suffixes = dict(files)
-    self.rows: list[dict[str, Any]] = []
+    self.rows: dict[int, dict[str, Any]] = {int(i): dict(r) for i, r in (rows or {}).items()}
+    self.path = target.path("manifest.csv")
+    self._write(self.path, self.rows)  # only the kept rows: drops what a kill cut short
+    self.file = open(self.path, "a", newline="", encoding="utf-8")
+    self.writer = csv.DictWriter(self.file, fieldnames=MANIFEST_COLUMNS)
 
-  def add(self, samples) -> None:
-    run = {k: self.target.provenance.get(k, "") for k in RUN_COLUMNS}
-    for j in range(len(samples)):
-      info = samples.info[j]
-      off = info.get("offset", ("", ""))
-      name = base.sample_stem(samples, j)
-      files = {column: name + suffix for column, suffix in self.file_suffixes.items()}
-      self.rows.append({
-          **run, "index": int(samples.index[j]), "source_case": samples.case_id[j],
-          "slice_index": int(samples.slice_index[j]),
-          "source_index": int(samples.source_index[j]), "round": int(samples.round[j]),
-          "mask_pixels": int(samples.mask[j].sum()),
-          "lesion_pixels": info.get("lesion_pixels", ""),
-          "donor_case": info.get("donor_case", ""), "donor_slice": info.get("donor_slice", ""),
-          "offset_dy": off[0], "offset_dx": off[1],
-          **{k: files.get(k, "") for k in ("ct_file", "seg_file", "mask_file", "png_file")},
-      })
-
-  def finish(self) -> dict[str, str]:
-    path = self.target.path("manifest.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
+  @staticmethod
+  def _write(path: str, rows: Mapping[int, Mapping[str, Any]]) -> None:
+    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
       writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
       writer.writeheader()
-      writer.writerows(self.rows)
-    return {"manifest": path}
+      writer.writerows(rows[i] for i in sorted(rows))
+    os.replace(path + ".tmp", path)
+
+  def _row(self, samples, j: int) -> dict[str, Any]:
+    run = {k: self.target.provenance.get(k, "") for k in RUN_COLUMNS}
+    info = samples.info[j]
+    off = info.get("offset", ("", ""))
+    name = base.sample_stem(samples, j)
+    files = {column: name + suffix for column, suffix in self.file_suffixes.items()}
+    return {
+        **run, "index": int(samples.index[j]), "source_case": samples.case_id[j],
+        "slice_index": int(samples.slice_index[j]),
+        "source_index": int(samples.source_index[j]), "round": int(samples.round[j]),
+        "mask_pixels": int(samples.mask[j].sum()),
+        "lesion_pixels": info.get("lesion_pixels", ""),
+        "donor_case": info.get("donor_case", ""), "donor_slice": info.get("donor_slice", ""),
+        "offset_dy": off[0], "offset_dx": off[1],
+        **{k: files.get(k, "") for k in ("ct_file", "seg_file", "mask_file", "png_file")},
+    }
+
+  def add(self, samples) -> None:
+    new = [self._row(samples, j) for j in self.todo(samples)]
+    for row in new:
+      self.rows[row["index"]] = row
+    self.writer.writerows(new)
+    self.file.flush()
+
+  def finish(self) -> dict[str, str]:
+    self.close()
+    self._write(self.path, self.rows)
+    return {"manifest": self.path}
+
+  def close(self) -> None:
+    if not self.file.closed:
+      self.file.close()

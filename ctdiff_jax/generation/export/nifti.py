@@ -69,7 +69,7 @@ class NiftiExporter(base.Exporter):
   files = {column: suffix for column, (suffix, _, _) in SLICE_FILES.items()}
 
   def add(self, samples) -> None:
-    for j in range(len(samples)):
+    for j in self.todo(samples):
       name = base.sample_stem(samples, j)
       for suffix, field, dtype in SLICE_FILES.values():
         save_nifti(self.target.path(name + suffix), getattr(samples, field)[j][None, ..., 0],

@@ -58,22 +58,27 @@ class PngExporter(base.Exporter):
   files = {"png_file": ".png"}
 
   def add(self, samples) -> None:
-    for j in range(len(samples)):
+    for j in self.todo(samples):
       preview = (display_unit(samples.generated_hu[j], self.target.window) + 1.0) / 2.0
       writers.save_png(self.target.path(base.sample_stem(samples, j) + ".png"), preview)
       self.slice_files += 1
 
 
 class FigureExporter(base.Exporter):
-  """figure4.png: ground truth | masked input | generated of the first FIGURE_ROWS slices."""
+  """figure4.png: ground truth | masked input | generated of samples 0 .. FIGURE_ROWS - 1."""
 
   def __init__(self, target: base.Target):
     super().__init__(target)
     self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
+  def needs(self, indices) -> bool:
+    # The figure is drawn in finish: a resumed run generates its first rows again.
+    return any(int(i) < FIGURE_ROWS for i in indices)
+
   def add(self, samples) -> None:
-    for j in range(min(len(samples), FIGURE_ROWS - len(self.rows))):
-      self.rows.append((samples.image_hu[j], samples.mask[j], samples.generated_hu[j]))
+    for j in range(len(samples)):
+      if int(samples.index[j]) < FIGURE_ROWS:
+        self.rows.append((samples.image_hu[j], samples.mask[j], samples.generated_hu[j]))
 
   def finish(self) -> dict[str, str]:
     if not self.rows:

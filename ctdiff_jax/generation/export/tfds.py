@@ -5,7 +5,8 @@ these too: set `config.data_dir=<output_dir>/tfds` (and `config.train_split`/`ev
 the source split) or `tfds.data_source('ct_slices/<config>', data_dir=<output_dir>/tfds)`.
 Its metadata.json holds the source dataset's metadata plus `synthetic` (scenario, checkpoint,
 seed, ...). Records keep their order (record i = manifest row i); case_id and slice_index are
-the source slice's, prev/next_image the source slice's neighbours.
+the source slice's, prev/next_image the source slice's neighbours. The dataset is written into
+`<output_dir>/.tfds.incomplete/` and renamed to `tfds/` once TFDS has finished it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class TfdsExporter(base.Exporter):
     self.spool = base.Spool(target.path(".spool", "tfds"), target.num_samples,
                             int(target.meta["image_size"]), dict(SPOOLED.values()))
 
+  def needs(self, indices) -> bool:
+    return True  # every record, also on resume (base.Spool)
+
   def add(self, samples) -> None:
     self.spool.add(samples)
 
@@ -49,9 +53,14 @@ class TfdsExporter(base.Exporter):
     meta, provenance = self.target.meta, self.target.provenance
     config_name = meta.get("config") or meta["dataset"].split("/")[-1]
     split = str(provenance.get("source_split") or "train")
-    data_dir = self.target.path("tfds")
-    path = write_tfds(data_dir, config_name, split, self._examples,
+    # Written into a temporary data_dir, renamed when complete: a kill leaves no half dataset
+    # under tfds/ (the next run removes the leftover).
+    data_dir, tmp = self.target.path("tfds"), self.target.path(".tfds.incomplete")
+    shutil.rmtree(tmp, ignore_errors=True)
+    path = write_tfds(tmp, config_name, split, self._examples,
                       {**_jsonable(provenance), "num_examples": len(self.spool.meta)})
+    base.replace_dir(tmp, data_dir)
+    path = os.path.join(data_dir, os.path.relpath(path, tmp))
     return {"tfds_data_dir": data_dir, "tfds_dir": path, "tfds_name": f"ct_slices/{config_name}",
             "tfds_split": split}
 

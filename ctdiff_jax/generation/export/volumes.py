@@ -1,12 +1,14 @@
 """volumes/<case>_r<k>_{ct,seg,mask}.nii.gz: per-case stacks of the generated slices.
 
 Stack k of a case holds the k-th use of the case's slices (`round`); z gaps between them are
-filled with PAD_HU / label 0 / mask 0. Same orientation and affine as the slice files.
+filled with PAD_HU / label 0 / mask 0. Same orientation and affine as the slice files. The
+stacks are written into `.volumes.incomplete/`, renamed to `volumes/` when all are on disk.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 
@@ -28,12 +30,17 @@ class VolumeExporter(base.Exporter):
                             int(target.meta["image_size"]),
                             {field: dtype for field, dtype, _ in KINDS.values()})
 
+  def needs(self, indices) -> bool:
+    return True  # every slice, also on resume (base.Spool)
+
   def add(self, samples) -> None:
     self.spool.add(samples)
 
   def finish(self) -> dict[str, list[str]]:
-    root = self.target.path("volumes")
-    os.makedirs(root, exist_ok=True)
+    # Written into a temporary folder, renamed when complete: a kill leaves no half volumes/.
+    final, root = self.target.path("volumes"), self.target.path(".volumes.incomplete")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
     groups: dict[tuple[str, int], list[int]] = {}
     for k, m in enumerate(self.spool.meta):
       groups.setdefault((m["case"], m["round"]), []).append(k)
@@ -47,9 +54,10 @@ class VolumeExporter(base.Exporter):
         vol = np.full((nz,) + arr.shape[1:3], fill, dtype)
         for k, z in zip(ks, zs):
           vol[z - z0] = arr[k, ..., 0]
-        path = os.path.join(root, f"{base.safe_name(case)}_r{rnd}_{kind}.nii.gz")
-        nifti.save_nifti(path, vol, spacing, z0, dtype)
-        written.append(path)
+        name = f"{base.safe_name(case)}_r{rnd}_{kind}.nii.gz"
+        nifti.save_nifti(os.path.join(root, name), vol, spacing, z0, dtype)
+        written.append(os.path.join(final, name))
+    base.replace_dir(root, final)
     return {"volumes": written}
 
   def close(self) -> None:
