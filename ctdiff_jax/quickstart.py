@@ -10,7 +10,7 @@ Stages (each prints its timing; everything lands under --output_dir):
      context (boxes + margin and free shapes on kidneys, context    runs/diffusion_context/
      scenario), and the smoke Pix2Pix baseline on kidneys           runs/pix2pix_kidneys/
   4. the three generation scenarios (organ, context, tumor)         synthetic/<scenario>/
-  5. Table 1 (Pix2Pix | Diffusion | Neighbouring slice FID)         report/
+  5. Table 1 on the phantom cohort (Pix2Pix, Diffusion, neighbour)  report/
   6. report/: figure4.png, table1.md, scenarios.md (each scenario vs the ring-mean fill, the
      tumour's W1 to real lesions vs to the replaced host), training_loss.png, paths to the
      synthetic datasets.
@@ -221,10 +221,11 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
   synthetic, samples = _generate(out, configs, runs, num_samples=num_samples, seed=seed)
   _scenario_metrics(report, configs["diffusion_kidney_tumor"], samples)
 
-  t0 = _stage("5/6 evaluation: Table 1 on the kidneys test split")
+  t0 = _stage("5/6 evaluation: Table 1 on the phantom cohort's kidneys test split")
   table1.evaluate(configs["diffusion_kidneys"], runs["diffusion_kidneys"], report,
                   pix2pix_config=configs["pix2pix_kidneys"],
-                  pix2pix_workdir=runs["pix2pix_kidneys"], seed=seed)
+                  pix2pix_workdir=runs["pix2pix_kidneys"], seed=seed,
+                  data_label="phantom cohort")
   _done(t0)
 
   paths = _report(out, report, data_dir, runs, synthetic)

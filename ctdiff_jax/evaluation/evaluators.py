@@ -9,7 +9,16 @@ Each column owns a few evaluators:
                            against the real set's evaluator of the same kind. The columns
                            share one Featurizer, which fills the network's batches.
   ImageMetricsEvaluator    per-slice MAE / PSNR / SSIM inside the mask (generative columns).
+  W1Evaluator              W1 between the in-mask HU of the column and the real in-mask HU
+                           (scenario_metrics.w1), pooled over the slices.
   SliceLog                 which slices were evaluated (per_slice.csv).
+
+The neighbour column is first passed through `DisjointPairs`: it keeps only the (slice,
+neighbour) pairs whose neighbours are none of the kept slices, so its real and "generated"
+sets are disjoint (with every organ slice of a case evaluated, the neighbour of one slice is
+the next evaluated slice, and an FID of two sets sharing all but one image per case measures
+overlap, not slice-to-slice change). Its FID compares the kept neighbours with the real
+features of the same rows (`rows`), at its own, smaller N.
 
 The crops (`crop_box`, `crop`) are defined here so every column crops the same way.
 """
@@ -17,6 +26,7 @@ The crops (`crop_box`, `crop`) are defined here so every column crops the same w
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Sequence
 
@@ -25,6 +35,7 @@ import numpy as np
 from ctdiff_jax.data import masks as masks_lib
 from ctdiff_jax.evaluation import fid
 from ctdiff_jax.evaluation import image_metrics
+from ctdiff_jax.evaluation import scenario_metrics
 from ctdiff_jax.evaluation.tables import FID_KINDS, IMAGE_METRICS
 
 
@@ -147,12 +158,25 @@ class FIDEvaluator:
     self.featurizer.flush()
     return np.concatenate(self._features)
 
-  def result(self, real: "FIDEvaluator", bootstrap: int, seed: int) -> dict[str, Any]:
-    """FID (n1, n2, bootstrap std) of this column against `real` (same kind)."""
+  def result(self, real: "FIDEvaluator", bootstrap: int, seed: int,
+             rows: np.ndarray | None = None) -> dict[str, Any]:
+    """FID (n1, n2, paired bootstrap std and 95% interval) of this column against `real`.
+
+    Row i of both sets is the same slice, so the bootstrap resamples them with one index
+    vector. rows: the real rows this column's images pair with (default: all, in order).
+    Fewer than 2 images: fid None.
+    """
     if real.kind != self.kind:
       raise ValueError(f"FID of {self.kind} against a {real.kind} real set")
-    return dataclasses.asdict(fid.fid_from_features(real.features, self.features, bootstrap,
-                                                    seed))
+    self.featurizer.flush()
+    ours = np.concatenate(self._features) if self._features else np.zeros((0, 0))
+    ref = real.features if rows is None else real.features[np.asarray(rows, int)]
+    if len(ref) != len(ours):
+      raise ValueError(f"{self.kind}: {len(ours)} images pair with {len(ref)} real ones")
+    if len(ours) < 2:
+      return {"fid": None, "n1": len(ref), "n2": len(ours), "std": None, "n_bootstrap": None,
+              "ci": None, "paired": None}
+    return dataclasses.asdict(fid.fid_from_features(ref, ours, bootstrap, seed, paired=True))
 
 
 class ImageMetricsEvaluator:
@@ -169,6 +193,68 @@ class ImageMetricsEvaluator:
 
   def result(self) -> dict[str, Any]:
     return {k: image_metrics.summarize(self.values[k]) for k in IMAGE_METRICS}
+
+
+class W1Evaluator:
+  """W1 (HU) between the column's and the real in-mask HU, pooled over all its slices."""
+
+  def __init__(self):
+    self._real: list[np.ndarray] = []
+    self._generated: list[np.ndarray] = []
+    self.n = 0
+
+  def update(self, batch: Batch) -> None:
+    self._real.append(np.asarray(batch.real)[batch.mask])
+    self._generated.append(np.asarray(batch.generated)[batch.mask])
+    self.n += len(batch.mask)
+
+  def result(self) -> dict[str, Any]:
+    if not self.n:
+      return {"w1": None, "n": 0, "pixels": 0}
+    real, gen = np.concatenate(self._real), np.concatenate(self._generated)
+    return {"w1": scenario_metrics.w1(gen, real), "n": self.n, "pixels": int(real.size)}
+
+
+def _digest(image: np.ndarray) -> bytes:
+  return hashlib.sha1(np.ascontiguousarray(image).tobytes()).digest()
+
+
+class DisjointPairs:
+  """Keeps the (real slice, neighbour slice) pairs of a column whose two sets are disjoint.
+
+  Greedy in slice order: a pair is kept when its neighbour is none of the kept real slices
+  nor an already kept neighbour, and its slice is none of the kept neighbours (images are
+  compared by content). On a run of consecutive evaluated slices this keeps every other
+  slice with its neighbour; on a sparse subset nearly every pair.
+  """
+
+  def __init__(self):
+    self._real: set[bytes] = set()
+    self._neighbour: set[bytes] = set()
+    self.positions: list[int] = []  # kept rows, as positions in the column's slice order
+    self.seen = 0
+
+  def select(self, batch: Batch) -> Batch:
+    """The kept pairs of `batch` (a neighbour column's chunk), as a Batch."""
+    keep = []
+    for j, (real, nb) in enumerate(zip(batch.real, batch.generated)):
+      r, g = _digest(real), _digest(nb)
+      if r not in self._neighbour and g not in self._real and g not in self._neighbour \
+          and r != g:
+        self._real.add(r)
+        self._neighbour.add(g)
+        keep.append(j)
+    self.positions.extend(self.seen + j for j in keep)
+    self.seen += len(batch.real)
+    return subset(batch, np.asarray(keep, int))
+
+
+def subset(batch: Batch, keep: np.ndarray) -> Batch:
+  """The rows `keep` of a Batch."""
+  return Batch(index=np.asarray(batch.index)[keep], case_id=[batch.case_id[j] for j in keep],
+               slice_index=np.asarray(batch.slice_index)[keep], real=batch.real[keep],
+               generated=batch.generated[keep], mask=batch.mask[keep],
+               boxes=[batch.boxes[j] for j in keep])
 
 
 class SliceLog:

@@ -12,6 +12,9 @@ are compared with three "generated" sets of the same slices (the poster's column
   diffusion  the diffusion model inpaints the organ mask (the `organ` scenario),
   neighbour  the record's neighbouring real slice (prev_image; next_image at the volume's
              lower end): how much adjacent real slices differ, a floor for any generator.
+             Only on disjoint sets: the pairs whose neighbour is none of the kept slices
+             (evaluators.DisjointPairs; every other slice of a run of consecutive slices),
+             so its N is smaller than the other columns' (shown beside it).
 
 Slices and masks come from generation's `organ` scenario (scenarios.Planner: its slice scan
 and organ masks); the generated columns are generation's own samples (runner.iter_samples on
@@ -28,9 +31,16 @@ table files in tables.py. Metrics per method:
              More sensitive to the inpainted region than whole slices.
   mae_hu / psnr_db / ssim  inside the mask, per slice, mean +- std over slices (generative
              methods only; see ctdiff_jax.evaluation.image_metrics).
+  w1_hu      W1 distance (HU) between the in-mask HU of the method and the real in-mask HU,
+             pooled over the slices (scenario_metrics.w1).
 
 Every FID carries its image counts (n1 real, n2 generated) and, with eval.bootstrap > 1, a
-bootstrap std. FID is biased upward at small N and unstable: the table flags N < 2048.
+paired bootstrap std and 95% interval (real and generated rows are the same slices: one
+index vector resamples both). FID is biased upward at small N and unstable: the table flags
+N < 2048 beside every such FID; compare FIDs only at equal N.
+The row names its data: `data_label` (argument, else config.eval.data_label when set, else
+derived from the dataset's build summary) and `phantom` (whether the slices come from the
+procedural phantom cohort: its manifest.csv in the build's manual_dir; None when unknown).
 Outputs in --output: table1.md, table1.csv, table1.json (rows; `--merge` concatenates the
 rows of several table1.json files, one row per organ/dataset/split/N, the later file's
 row winning) and per_slice.csv (metrics of every evaluated slice).
@@ -56,17 +66,44 @@ from ctdiff_jax.ingest import records
 # Re-exported: the table API and crops have always been reachable as table1.<name>.
 # pylint: disable=unused-import
 from ctdiff_jax.evaluation.evaluators import FID_KINDS, IMAGE_METRICS, Batch, crop, crop_box
-from ctdiff_jax.evaluation.tables import (GENERATIVE, METHODS, TABLE_FILES, csv_columns,
-                                          markdown_table, merge_tables, write_tables)
+from ctdiff_jax.evaluation.tables import (GENERATIVE, METHODS, SMALL_N, TABLE_FILES,
+                                          csv_columns, markdown_table, merge_tables,
+                                          write_tables)
 # pylint: enable=unused-import
-
-# FID needs thousands of images to be stable; below this the table warns (FID bias at small N).
-SMALL_N = 2048
 
 
 def organ_name(config) -> str:
   """The Table 1 row name: the dataset config (e.g. 'kidneys') or the custom organ list."""
   return str(config.organs) if config.organs else str(config.dataset)
+
+
+def is_phantom(manual_dir: str | os.PathLike | None) -> bool | None:
+  """Whether a build's raw dir is the phantom cohort (its manifest.csv); None: unknown."""
+  from ctdiff_jax.phantom import cohort  # pylint: disable=g-import-not-at-top  (nibabel)
+  if not manual_dir or not pathlib.Path(manual_dir).is_dir():
+    return None
+  manifest = pathlib.Path(manual_dir) / "manifest.csv"
+  if not manifest.is_file():
+    return False
+  with open(manifest, newline="") as f:
+    header = next(csv.reader(f), [])
+  return set(cohort.MANIFEST_COLUMNS) <= set(header)
+
+
+def data_info(config, meta: Mapping[str, Any], data_label: str | None = None) -> dict:
+  """{data_label, phantom, manual_dir}: which data the row was computed on.
+
+  The label is `data_label`, else config.eval.data_label when set, else 'phantom cohort',
+  'CT from <raw dir name>' or the dataset name when the raw dir is gone.
+  """
+  manual_dir = (meta.get("build") or {}).get("manual_dir")
+  phantom = is_phantom(manual_dir)
+  label = data_label or config.eval.get("data_label", None)
+  if not label:
+    label = {True: "phantom cohort", None: meta.get("dataset") or
+             f"ct_slices/{sources.dataset_config_name(config)}"}.get(
+                 phantom, f"CT from {pathlib.Path(str(manual_dir)).name}")
+  return {"data_label": str(label), "phantom": phantom, "manual_dir": manual_dir}
 
 
 # ---------------------------------------------------------------------------- slices
@@ -201,6 +238,7 @@ def _settings(config, selection: Selection, num_samples: int, seed: int) -> dict
           "crop_size": int(config.eval.crop_size),
           "crop_margin_mm": float(config.eval.crop_margin_mm),
           "bootstrap": int(config.eval.bootstrap), "seed": int(seed),
+          "bootstrap_paired": True,
           "num_samples": num_samples, "mask_labels": list(planner.label_ids),
           "dilation_mm": planner.ecfg.dilation_mm}
 
@@ -217,6 +255,8 @@ def make_columns(names, settings: Mapping[str, Any], pad_hu: float, batch_size: 
                      for k in FID_KINDS}
     if name in GENERATIVE:
       columns[name]["metrics"] = evaluators.ImageMetricsEvaluator(window)
+    if name != "real":
+      columns[name]["w1"] = evaluators.W1Evaluator()
   columns["real"]["slices"] = evaluators.SliceLog()
   return columns
 
@@ -224,7 +264,7 @@ def make_columns(names, settings: Mapping[str, Any], pad_hu: float, batch_size: 
 def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=None,
              pix2pix_workdir: str | None = None, split: str | None = None,
              num_samples: int | None = None, seed: int = 0,
-             fid_weights: str | os.PathLike | None = None,
+             fid_weights: str | os.PathLike | None = None, data_label: str | None = None,
              progress: bool = True) -> dict[str, Any]:
   """Evaluates one organ config (see the module docstring); writes tables when output_dir.
 
@@ -238,11 +278,12 @@ def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=Non
     num_samples: slices to evaluate, default config.eval.num_samples (0 = all).
     seed: slice subset, bootstrap and sampling noise.
     fid_weights: converted Inception weights (default: fid.default_cache_path()).
+    data_label: the data's name in the table (default: see data_info).
 
   Returns:
-    The row: organ, dataset, split, num_slices, slices_without_organ, methods
-    {pix2pix|diffusion|neighbour: {fid_whole, fid_crop, [mae_hu, psnr_db, ssim]} or None},
-    checkpoints, settings and warnings.
+    The row: organ, dataset, data_label, phantom, manual_dir, split, num_slices,
+    slices_without_organ, methods {pix2pix|diffusion|neighbour: {fid_whole, fid_crop, w1_hu,
+    [mae_hu, psnr_db, ssim]} or None}, checkpoints, settings and warnings.
   """
   import jax  # pylint: disable=g-import-not-at-top  (`--merge` needs no model code)
   if (pix2pix_config is None) != (pix2pix_workdir is None):
@@ -259,11 +300,16 @@ def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=Non
   pad_hu = float(selection.planner.meta.get("pad_hu", transforms.AIR_HU))
   fid_batch = int(config.eval.fid_batch_size) * jax.local_device_count()
   columns = make_columns(models, settings, pad_hu, fid_batch, fid_weights)
+  pairs = evaluators.DisjointPairs()  # the neighbour column's disjoint (slice, neighbour) pairs
   for name, batch in predict(models, selection, margin_mm=settings["crop_margin_mm"],
                              progress=progress):
+    if name == "neighbour":
+      batch = pairs.select(batch)
     for evaluator in columns[name].values():
-      evaluator.update(batch)
-  row = _row(config, split, selection, columns, models, settings)
+      if len(batch.index):
+        evaluator.update(batch)
+  data = data_info(config, selection.planner.meta, data_label)
+  row = _row(config, split, selection, columns, models, settings, pairs.positions, data)
   if output_dir is not None:
     write_tables([row], output_dir)
     _write_per_slice(columns, pathlib.Path(output_dir) / "per_slice.csv")
@@ -271,13 +317,16 @@ def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=Non
 
 
 def _row(config, split: str, selection: Selection, columns, models,
-         settings: Mapping[str, Any]) -> dict[str, Any]:
+         settings: Mapping[str, Any], neighbour_rows: list[int],
+         data: Mapping[str, Any]) -> dict[str, Any]:
   """The Table 1 row of one organ from the filled column evaluators."""
   n = len(selection)
   methods: dict[str, Any] = {m: None for m in METHODS}
   for name in ("neighbour",) + tuple(models):
+    rows = neighbour_rows if name == "neighbour" else None
     entry = {k: columns[name][k].result(columns["real"][k], settings["bootstrap"],
-                                        settings["seed"]) for k in FID_KINDS}
+                                        settings["seed"], rows) for k in FID_KINDS}
+    entry["w1_hu"] = columns[name]["w1"].result()
     if name in models:
       entry.update(columns[name]["metrics"].result())
       inpainter = models[name][1]
@@ -288,13 +337,19 @@ def _row(config, split: str, selection: Selection, columns, models,
   if n < SMALL_N:
     warnings.append(f"{organ_name(config)}: FID on N={n} < {SMALL_N} images per set is "
                     f"biased upward and unstable; compare FIDs only at equal N.")
+  n_nb = len(neighbour_rows)
+  warnings.append(f"{organ_name(config)}: the neighbouring-slice FID uses N={n_nb} disjoint "
+                  f"(slice, neighbour) pairs, not the N={n} of the other columns: not "
+                  f"comparable with them.")
   for w in warnings:
     logging.warning("%s", w)
   return {
       "organ": organ_name(config),
       "dataset": f"ct_slices/{sources.dataset_config_name(config)}",
+      **data,
       "split": split,
       "num_slices": n,
+      "num_neighbour_pairs": n_nb,
       "slices_without_organ": selection.without_organ,
       "methods": methods,
       "settings": dict(settings),

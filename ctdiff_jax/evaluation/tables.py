@@ -1,6 +1,8 @@
 """Table 1's files: table1.md / table1.csv / table1.json of evaluated rows, and `--merge`.
 
-A row is what table1.evaluate returns for one organ config. `merge_tables` concatenates the
+A row is what table1.evaluate returns for one organ config. Every FID is printed with its N,
+its paired-bootstrap std and 95% interval and a small-N flag; the title and a column name the
+data (`data_label`, and whether it is the phantom cohort). `merge_tables` concatenates the
 rows of several table1.json files; rows with the same key (organ, dataset, split, N) appear
 once, the later file's row replacing the earlier one in the earlier one's place (re-running
 an organ and merging again updates it rather than duplicating it).
@@ -30,7 +32,12 @@ METRIC_FORMATS = {"mae_hu": ".1f", "psnr_db": ".2f", "ssim": ".4f"}
 TABLE_FILES = ("table1.md", "table1.csv", "table1.json")
 # The fields that identify a row: a merged table holds one row per key.
 ROW_KEY = ("organ", "dataset", "split", "num_slices")
-
+# FID needs thousands of images to be stable; below this the table warns (FID bias at small N).
+SMALL_N = 2048
+ROW_FIELDS = ("organ", "dataset", "data_label", "phantom", "split", "num_slices",
+              "num_neighbour_pairs")
+FID_FIELDS = {"": "fid", "_std": "std", "_ci_low": None, "_ci_high": None, "_n_real": "n1",
+              "_n_generated": "n2", "_n_bootstrap": "n_bootstrap"}
 
 
 def _finite_or_none(x):
@@ -45,44 +52,74 @@ def _finite_or_none(x):
 
 def csv_columns() -> list[str]:
   """Column names of table1.csv."""
-  cols = ["organ", "dataset", "split", "num_slices"]
+  cols = list(ROW_FIELDS)
   for m in METHODS:
     for k in FID_KINDS:
-      cols += [f"{m}_{k}", f"{m}_{k}_std", f"{m}_{k}_n_real", f"{m}_{k}_n_generated"]
+      cols += [f"{m}_{k}{suffix}" for suffix in FID_FIELDS]
+    cols.append(f"{m}_w1_hu")
     if m in GENERATIVE:
       for k in IMAGE_METRICS:
         cols += [f"{m}_{k}", f"{m}_{k}_std"]
   return cols
 
 
+def _blank(v):
+  return "" if v is None else v
+
+
 def _csv_row(row: Mapping[str, Any]) -> dict[str, Any]:
-  out = {k: row.get(k, "") for k in ("organ", "dataset", "split", "num_slices")}
+  out = {k: _blank(row.get(k)) for k in ROW_FIELDS}
   for m in METHODS:
     entry = row["methods"].get(m) or {}
     for k in FID_KINDS:
       r = entry.get(k) or {}
-      out[f"{m}_{k}"] = r.get("fid", "")
-      out[f"{m}_{k}_std"] = r.get("std") if r.get("std") is not None else ""
-      out[f"{m}_{k}_n_real"] = r.get("n1", "")
-      out[f"{m}_{k}_n_generated"] = r.get("n2", "")
+      ci = r.get("ci") or (None, None)
+      for suffix, field in FID_FIELDS.items():
+        out[f"{m}_{k}{suffix}"] = _blank(r.get(field) if field else None)
+      out[f"{m}_{k}_ci_low"], out[f"{m}_{k}_ci_high"] = _blank(ci[0]), _blank(ci[1])
+    out[f"{m}_w1_hu"] = _blank((entry.get("w1_hu") or {}).get("w1"))
     if m in GENERATIVE:
       for k in IMAGE_METRICS:
         r = entry.get(k) or {}
-        mean, std = r.get("mean"), r.get("std")
-        out[f"{m}_{k}"] = "" if mean is None else mean
-        out[f"{m}_{k}_std"] = "" if std is None else std
+        out[f"{m}_{k}"], out[f"{m}_{k}_std"] = _blank(r.get("mean")), _blank(r.get("std"))
   return out
 
 
-def _fmt_fid(r: Mapping[str, Any] | None, n: int) -> str:
+def fmt_fid(r: Mapping[str, Any] | None) -> str:
+  """'FID ± std [95% CI] N=n', flagged when N < SMALL_N (n=real/generated if they differ)."""
   if not r:
     return "—"
+  n1, n2 = r.get("n1"), r.get("n2")
+  n = f"N={n1}" if n1 == n2 else f"N={n1}/{n2}"
+  if r.get("fid") is None:
+    return f"— ({n})"
   s = f"{r['fid']:.2f}"
   if r.get("std") is not None:
     s += f" ± {r['std']:.2f}"
-  if r.get("n1") != n or r.get("n2") != n:
-    s += f" (n={r.get('n1')}/{r.get('n2')})"
+  if r.get("ci"):
+    s += f" [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
+  s += f" {n}"
+  if min(n1 or 0, n2 or 0) < SMALL_N:
+    s += " ⚠small N"
   return s
+
+
+def _fmt_w1(r: Mapping[str, Any] | None) -> str:
+  return "—" if not r or r.get("w1") is None else f"{r['w1']:.1f}"
+
+
+def data_title(rows: Sequence[Mapping[str, Any]]) -> str:
+  """The data named in the title: the rows' labels, and whether any is the phantom."""
+  labels = list(dict.fromkeys(str(r.get("data_label") or "unnamed data") for r in rows))
+  s = ", ".join(labels)
+  if any(r.get("phantom") for r in rows):
+    s += " (procedural phantom CT, not real CT)"
+  return s
+
+
+def _data_cell(row: Mapping[str, Any]) -> str:
+  label = str(row.get("data_label") or row.get("dataset") or "?")
+  return label + (" [phantom]" if row.get("phantom") and "phantom" not in label else "")
 
 
 def _fmt_metric(r: Mapping[str, Any] | None, fmt: str) -> str:
@@ -96,42 +133,50 @@ def _fmt_metric(r: Mapping[str, Any] | None, fmt: str) -> str:
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   """Table 1 in Markdown: organ rows; Pix2Pix | Diffusion | Neighbouring slice columns."""
-  head = ["Organ", "N"]
+  head = ["Organ", "N", "Data"]
   for m in METHODS:
-    for k in FID_KINDS:
-      head.append(f"{METHOD_TITLES[m]} {FID_TITLES[k]}")
+    head += [f"{METHOD_TITLES[m]} {FID_TITLES[k]}" for k in FID_KINDS]
+    head.append(f"{METHOD_TITLES[m]} W1 (HU)")
     if m in GENERATIVE:
       head += [f"{METHOD_TITLES[m]} {METRIC_TITLES[k]}" for k in IMAGE_METRICS]
-  lines = ["# Table 1: organ inpainting on real CT", "",
+  lines = [f"# Table 1: organ inpainting on {data_title(rows)}", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
-    n = int(row["num_slices"])
-    cells = [f"{row['organ']} ({row['split']})", str(n)]
+    cells = [f"{row['organ']} ({row['split']})", str(int(row["num_slices"])), _data_cell(row)]
     for m in METHODS:
-      entry = row["methods"].get(m)
-      for k in FID_KINDS:
-        cells.append(_fmt_fid(entry.get(k) if entry else None, n))
+      entry = row["methods"].get(m) or {}
+      cells += [fmt_fid(entry.get(k)) for k in FID_KINDS]
+      cells.append(_fmt_w1(entry.get("w1_hu")))
       if m in GENERATIVE:
-        cells += [_fmt_metric(entry.get(k) if entry else None, METRIC_FORMATS[k])
-                  for k in IMAGE_METRICS]
+        cells += [_fmt_metric(entry.get(k), METRIC_FORMATS[k]) for k in IMAGE_METRICS]
     lines.append("| " + " | ".join(cells) + " |")
-  settings = rows[0].get("settings", {}) if rows else {}
-  lines += [
-      "",
-      "N: slices with the organ; every FID compares those N real slices with the N slices of "
-      "the method (n=real/generated shown where different). ± is the bootstrap std "
-      "(config.eval.bootstrap resamples), — means not evaluated.",
-      f"FID (whole): whole slices windowed to {settings.get('fid_window')} HU. "
-      f"FID (crop): organ bounding box + {settings.get('crop_margin_mm')} mm, squared, "
-      f"resized to {settings.get('crop_size')} px. MAE (raw HU), PSNR and SSIM (windowed, "
-      "Gaussian SSIM) inside the organ mask, mean ± std over slices.",
-      "Neighbouring slice: the adjacent real slice of the same volume as the 'generated' "
-      "image (how different neighbouring real slices are).",
-  ]
+  lines += ["", *_footnotes(rows[0].get("settings", {}) if rows else {})]
   warnings = [w for row in rows for w in row.get("warnings", [])]
   if warnings:
     lines += ["", "**Warning:** " + " ".join(warnings)]
   return "\n".join(lines) + "\n"
+
+
+def _footnotes(settings: Mapping[str, Any]) -> list[str]:
+  return [
+      "N: slices with the organ; every FID compares N real slices with the N images of the "
+      "method (N=real/generated where different). ± is the std and [..] the 95% interval of "
+      f"a paired bootstrap ({settings.get('bootstrap')} resamples, seed "
+      f"{settings.get('seed')}): one index vector resamples real and generated, which are the "
+      f"same slices. ⚠small N: N < {SMALL_N}, FID biased upward and unstable; compare FIDs "
+      "only at equal N. — means not evaluated.",
+      f"FID (whole): whole slices windowed to {settings.get('fid_window')} HU. "
+      f"FID (crop): organ bounding box + {settings.get('crop_margin_mm')} mm, squared, "
+      f"resized to {settings.get('crop_size')} px. W1 (HU): Wasserstein-1 distance between "
+      "the method's and the real HU inside the organ masks, pooled over the slices. MAE (raw "
+      "HU), PSNR and SSIM (windowed, Gaussian SSIM) inside the organ mask, mean ± std over "
+      "slices.",
+      "Neighbouring slice: the adjacent real slice of the same volume (prev, or next at the "
+      "volume's lower end) as the 'generated' image, on disjoint sets: only (slice, "
+      "neighbour) pairs whose neighbour is none of the kept slices (every other slice of a "
+      "run of consecutive slices), so real and neighbour sets share no image; its N is "
+      "smaller than the row's N.",
+  ]
 
 
 def write_tables(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike) -> dict:

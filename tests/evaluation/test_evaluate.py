@@ -161,23 +161,30 @@ def test_crop_box_square_margin_and_shift():
 # ----------------------------------------------------------------------------- tables
 
 
-def _fake_row(organ: str, n: int, fid_base: float, with_pix2pix: bool) -> dict:
-  def fid_entry(v, std=None):
-    return {"fid": v, "n1": n, "n2": n, "std": std, "n_bootstrap": 5 if std else None}
+def _fake_row(organ: str, n: int, fid_base: float, with_pix2pix: bool,
+              phantom: bool = False) -> dict:
+  def fid_entry(v, std=None, n=n):
+    return {"fid": v, "n1": n, "n2": n, "std": std, "n_bootstrap": 5 if std else None,
+            "ci": [v - 2 * std, v + 2 * std] if std else None, "paired": True if std else None}
 
   def gen(v):
     return {"fid_whole": fid_entry(v, 1.5), "fid_crop": fid_entry(v * 2),
+            "w1_hu": {"w1": v * 3, "n": n, "pixels": 10 * n},
             "mae_hu": {"mean": v / 2, "std": 3.0, "n": n},
             "psnr_db": {"mean": 25.0, "std": None, "n": n},
             "ssim": {"mean": 0.8, "std": 0.05, "n": n}}
 
-  return {"organ": organ, "dataset": f"ct_slices/{organ}", "split": "test", "num_slices": n,
-          "slices_without_organ": 0,
+  return {"organ": organ, "dataset": f"ct_slices/{organ}",
+          "data_label": "phantom cohort" if phantom else "CT from raw", "phantom": phantom,
+          "manual_dir": "/data/raw", "split": "test", "num_slices": n,
+          "num_neighbour_pairs": n // 2, "slices_without_organ": 0,
           "methods": {"pix2pix": gen(fid_base + 10) if with_pix2pix else None,
                       "diffusion": gen(fid_base),
-                      "neighbour": {"fid_whole": fid_entry(fid_base / 4),
-                                    "fid_crop": fid_entry(fid_base / 3)}},
-          "settings": {"fid_window": list(WINDOW), "crop_size": 128, "crop_margin_mm": 10.0},
+                      "neighbour": {"fid_whole": fid_entry(fid_base / 4, n=n // 2),
+                                    "fid_crop": fid_entry(fid_base / 3, n=n // 2),
+                                    "w1_hu": {"w1": 1.0, "n": n // 2, "pixels": 5 * n}}},
+          "settings": {"fid_window": list(WINDOW), "crop_size": 128, "crop_margin_mm": 10.0,
+                       "bootstrap": 5, "seed": 0},
           "warnings": [f"{organ}: small N"] if n < table1.SMALL_N else []}
 
 
@@ -201,6 +208,11 @@ def test_write_tables_and_merge_round_trip(tmp_path):
   assert float(table[0]["diffusion_fid_whole"]) == 12.0
   assert float(table[0]["diffusion_fid_whole_std"]) == 1.5
   assert int(table[0]["diffusion_fid_whole_n_generated"]) == 3000
+  assert float(table[0]["diffusion_fid_whole_ci_low"]) == 9.0
+  assert float(table[0]["diffusion_fid_whole_ci_high"]) == 15.0
+  assert float(table[0]["diffusion_w1_hu"]) == 36.0
+  assert table[0]["data_label"] == "CT from raw" and table[0]["phantom"] == "False"
+  assert int(table[0]["neighbour_fid_whole_n_real"]) == 1500
   assert float(table[0]["pix2pix_fid_crop"]) == 44.0
   assert float(table[1]["neighbour_fid_crop"]) == pytest.approx(40.0 / 3)
   assert table[1]["pix2pix_fid_whole"] == "" and table[1]["diffusion_psnr_db_std"] == ""
@@ -208,17 +220,37 @@ def test_write_tables_and_merge_round_trip(tmp_path):
   md = (tmp_path / "all" / "table1.md").read_text()
   lines = [l for l in md.splitlines() if l.startswith("| ")]
   header = [c.strip() for c in lines[0].strip("|").split("|")]
-  assert header[:4] == ["Organ", "N", "Pix2Pix FID (whole)", "Pix2Pix FID (crop)"]
-  assert "Diffusion SSIM" in header and header[-1] == "Neighbouring slice FID (crop)"
+  assert header[:5] == ["Organ", "N", "Data", "Pix2Pix FID (whole)", "Pix2Pix FID (crop)"]
+  assert "Diffusion SSIM" in header and header[-1] == "Neighbouring slice W1 (HU)"
   kid_cells = dict(zip(header, (c.strip() for c in lines[1].strip("|").split("|"))))
   liv_cells = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|"))))
   assert kid_cells["Organ"] == "kidneys (test)" and kid_cells["N"] == "3000"
-  assert kid_cells["Diffusion FID (whole)"] == "12.00 ± 1.50"
-  assert kid_cells["Pix2Pix FID (crop)"] == "44.00"
+  assert kid_cells["Data"] == "CT from raw"
+  # Every FID carries its N and, when bootstrapped, its std and 95% interval.
+  assert kid_cells["Diffusion FID (whole)"] == "12.00 ± 1.50 [9.00, 15.00] N=3000"
+  assert kid_cells["Pix2Pix FID (crop)"] == "44.00 N=3000"
+  assert kid_cells["Diffusion W1 (HU)"] == "36.0"
   assert kid_cells["Diffusion MAE (HU)"] == "6.0 ± 3.0"
+  # Small N is flagged beside each FID, the neighbour's own (smaller) N included.
+  assert kid_cells["Neighbouring slice FID (whole)"] == "3.00 N=1500 ⚠small N"
   assert liv_cells["Pix2Pix FID (whole)"] == "—"
-  assert liv_cells["Neighbouring slice FID (whole)"] == "10.00"
+  assert liv_cells["Neighbouring slice FID (whole)"] == "10.00 N=50 ⚠small N"
+  assert liv_cells["Diffusion FID (crop)"] == "80.00 N=100 ⚠small N"
   assert "liver: small N" in md and "kidneys: small N" not in md
+  assert md.startswith("# Table 1: organ inpainting on CT from raw\n")
+  assert "paired bootstrap (5 resamples, seed 0)" in md and "disjoint sets" in md
+
+
+def test_table_names_the_phantom_data(tmp_path):
+  """The title and the Data column say when the rows come from the phantom cohort."""
+  ph = _fake_row("kidneys", 30, 12.0, with_pix2pix=True, phantom=True)
+  md = table1.markdown_table([ph])
+  assert md.startswith("# Table 1: organ inpainting on phantom cohort (procedural phantom CT, "
+                       "not real CT)\n")
+  assert "| kidneys (test) | 30 | phantom cohort |" in md
+  unnamed = dict(ph, data_label="my set")
+  assert "| my set [phantom] |" in table1.markdown_table([unnamed])
+  assert "real CT" not in table1.markdown_table([_fake_row("liver", 30, 1.0, False)])
 
 
 def test_merge_errors(tmp_path):
@@ -338,11 +370,18 @@ def test_evaluate_end_to_end(evaluated, smoke_run):
   row, _, out = evaluated
   assert row["organ"] == "liver" and row["split"] == "train" and row["num_slices"] == 6
   methods = row["methods"]
+  n_nb = row["num_neighbour_pairs"]
+  assert 2 <= n_nb <= 6
   for m in table1.METHODS:
+    n = n_nb if m == "neighbour" else 6
     for k in table1.FID_KINDS:
       r = methods[m][k]
-      assert (r["n1"], r["n2"], r["n_bootstrap"]) == (6, 6, 3), (m, k, r)
+      assert (r["n1"], r["n2"], r["n_bootstrap"], r["paired"]) == (n, n, 3, True), (m, k, r)
       assert math.isfinite(r["fid"]) and r["fid"] > 0 and r["std"] > 0, (m, k, r)
+      assert r["ci"][0] <= r["ci"][1], (m, k, r)
+    assert methods[m]["w1_hu"]["n"] == n and methods[m]["w1_hu"]["w1"] > 0, m
+  # The shared CT cases are not the phantom cohort; the row names them.
+  assert row["phantom"] is False and row["data_label"].startswith("CT from ")
   # Each generative column comes from its own checkpoint: a Pix2Pix and a diffusion model
   # do not inpaint alike.
   assert methods["pix2pix"]["checkpoint"]["model_family"] == "pix2pix"
@@ -362,9 +401,11 @@ def test_evaluate_end_to_end(evaluated, smoke_run):
   assert csv_row["organ"] == "liver" and csv_row["num_slices"] == "6"
   assert float(csv_row["diffusion_fid_whole"]) == pytest.approx(
       methods["diffusion"]["fid_whole"]["fid"])
-  assert csv_row["neighbour_fid_crop_n_real"] == "6"
+  assert csv_row["neighbour_fid_crop_n_real"] == str(n_nb)
+  assert float(csv_row["diffusion_w1_hu"]) == pytest.approx(methods["diffusion"]["w1_hu"]["w1"])
   md = (out / "table1.md").read_text()
-  assert "| liver (train) | 6 |" in md and "N=6 < 2048" in md
+  assert f"| liver (train) | 6 | {row['data_label']} |" in md and "N=6 < 2048" in md
+  assert md.startswith(f"# Table 1: organ inpainting on {row['data_label']}\n")
   with open(out / "per_slice.csv", newline="") as f:
     per_slice = list(csv.DictReader(f))
   assert len(per_slice) == 6 and {"case_id", "diffusion_ssim", "pix2pix_ssim"} <= set(
@@ -406,6 +447,20 @@ def test_every_column_sees_the_same_slices_masks_and_boxes(evaluated, smoke_run)
     if name != "neighbour":  # Generated pixels differ from the real ones only in the mask.
       np.testing.assert_array_equal(col.generated[~col.mask], col.real[~col.mask], name)
   assert row["settings"]["mask_labels"] == list(planner.label_ids)
+  # The neighbour baseline's real and neighbour images are disjoint sets.
+  pairs = table1.evaluators.DisjointPairs()
+  kept = pairs.select(columns["neighbour"])
+  assert len(pairs.positions) == row["num_neighbour_pairs"] >= 2
+  overlap = {a.tobytes() for a in kept.real} & {a.tobytes() for a in kept.generated}
+  assert not overlap
+  # W1: the in-mask HU of each method against the real in-mask HU.
+  from ctdiff_jax.evaluation import scenario_metrics  # pylint: disable=g-import-not-at-top
+  for name in ("pix2pix", "diffusion"):
+    col = columns[name]
+    assert row["methods"][name]["w1_hu"]["w1"] == pytest.approx(
+        scenario_metrics.w1(col.generated[col.mask], col.real[col.mask]))
+  assert row["methods"]["neighbour"]["w1_hu"]["w1"] == pytest.approx(
+      scenario_metrics.w1(kept.generated[kept.mask], kept.real[kept.mask]))
 
 
 def test_crop_fid_recomputed_from_the_columns(evaluated, smoke_run, fid_weights):
@@ -421,9 +476,14 @@ def test_crop_fid_recomputed_from_the_columns(evaluated, smoke_run, fid_weights)
     return fid.features(images, batch_size=24, weights=fid_weights, progress=False)
 
   real = feats(columns["real"], columns["real"].real)
-  for name in ("neighbour", "diffusion"):
-    got = fid.fid_from_features(real, feats(columns[name], columns[name].generated), 3, 0)
-    assert row["methods"][name]["fid_crop"]["fid"] == pytest.approx(got.fid, rel=1e-4), name
+  pairs = table1.evaluators.DisjointPairs()
+  pairs.select(columns["neighbour"])
+  for name, rows in (("neighbour", pairs.positions), ("diffusion", slice(None))):
+    gen = feats(columns[name], columns[name].generated)[rows]
+    got = fid.fid_from_features(real[rows], gen, 3, 0, paired=True)
+    want = row["methods"][name]["fid_crop"]
+    assert want["fid"] == pytest.approx(got.fid, rel=1e-4), name
+    assert want["std"] == pytest.approx(got.std, rel=1e-3), name
 
 
 def test_columns_come_from_their_own_checkpoints(evaluated, smoke_run, pix2pix_run):
@@ -466,6 +526,88 @@ def test_neighbour_at_volume_ends():
   got = table1.neighbour_hu(np.stack([img, img, img]), np.stack([prev, img, almost]),
                             np.stack([nxt, nxt, nxt]))
   np.testing.assert_array_equal(got, np.stack([prev, nxt, almost])[..., 0])
+
+
+def _volume_batches(slices, chunks):
+  """Batches of the evaluated `slices` of a 12-slice volume of distinct images, neighbour
+  images as predict builds them (prev; next at the volume's lower end)."""
+  from ctdiff_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  vol = np.random.default_rng(0).integers(-100, 200, size=(12, 6, 6)).astype(np.int16)
+  image = vol[slices]
+  prev = vol[[max(s - 1, 0) for s in slices]]
+  nxt = vol[[min(s + 1, 11) for s in slices]]
+  gen = table1.neighbour_hu(image, prev, nxt)
+  mask = np.ones(image.shape, bool)
+  out = []
+  for part in np.array_split(np.arange(len(slices)), chunks):
+    out.append(evaluators.Batch(
+        index=np.asarray(slices)[part], case_id=["c"] * len(part),
+        slice_index=np.asarray(slices)[part], real=image[part], generated=gen[part],
+        mask=mask[part], boxes=[(0, 0, 6)] * len(part)))
+  return out
+
+
+def test_neighbour_pairs_are_disjoint():
+  """The neighbour baseline's real and neighbour sets share no image.
+
+  With every slice of a volume evaluated, slice s's neighbour (s - 1) is itself an evaluated
+  slice: an FID of the full sets would measure their overlap. DisjointPairs keeps every
+  other slice with its neighbour, across chunk boundaries.
+  """
+  from ctdiff_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  for slices, chunks, want in ((list(range(12)), 3, 6), ([0, 3, 7, 10], 2, 4),
+                               ([2, 3, 4, 9], 1, 3)):
+    pairs = evaluators.DisjointPairs()
+    kept = [pairs.select(b) for b in _volume_batches(slices, chunks)]
+    real = np.concatenate([b.real for b in kept])
+    nb = np.concatenate([b.generated for b in kept])
+    as_set = lambda x: {a.tobytes() for a in x}
+    overlap = len(as_set(real) & as_set(nb))
+    assert overlap == 0, (slices, overlap)  # disjoint
+    assert len(real) == len(nb) == len(pairs.positions) == want, (slices, len(real))
+    assert len(as_set(real)) == len(as_set(nb)) == want  # no image twice
+    # The kept rows are the evaluated slices at `positions`, each with its own neighbour.
+    full = _volume_batches(slices, 1)[0]
+    np.testing.assert_array_equal(full.real[pairs.positions], real)
+    np.testing.assert_array_equal(full.generated[pairs.positions], nb)
+
+
+def test_w1_evaluator_pools_in_mask_hu():
+  from ctdiff_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.evaluation import scenario_metrics  # pylint: disable=g-import-not-at-top
+  batches = _volume_batches(list(range(1, 7)), 2)
+  w1 = evaluators.W1Evaluator()
+  for b in batches:
+    b.mask[:, :3] = False  # only the lower half counts
+    b.generated[:, :3] = 5000
+    w1.update(b)
+  real = np.concatenate([b.real[b.mask] for b in batches])
+  gen = np.concatenate([b.generated[b.mask] for b in batches])
+  got = w1.result()
+  assert got["n"] == 6 and got["pixels"] == 6 * 18
+  assert got["w1"] == pytest.approx(scenario_metrics.w1(gen, real)) and got["w1"] > 0
+  assert evaluators.W1Evaluator().result()["w1"] is None
+
+
+def test_data_info_names_the_phantom_cohort(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ctdiff_jax.phantom import cohort  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"eval": {}, "dataset": "kidneys"})
+  cohort_dir, other, gone = tmp_path / "cohort", tmp_path / "raw_ct", tmp_path / "gone"
+  cohort_dir.mkdir()
+  other.mkdir()
+  (cohort_dir / "manifest.csv").write_text(",".join(cohort.MANIFEST_COLUMNS) + "\n")
+  (other / "manifest.csv").write_text("case_id,image,label\n")
+  meta = lambda d: {"dataset": "ct_slices/kidneys_64px", "build": {"manual_dir": str(d)}}
+  assert table1.data_info(config, meta(cohort_dir)) == {
+      "data_label": "phantom cohort", "phantom": True, "manual_dir": str(cohort_dir)}
+  assert table1.data_info(config, meta(other))["data_label"] == "CT from raw_ct"
+  assert table1.data_info(config, meta(other))["phantom"] is False
+  assert table1.data_info(config, meta(gone)) == {
+      "data_label": "ct_slices/kidneys_64px", "phantom": None, "manual_dir": str(gone)}
+  assert table1.data_info(config, meta(other), "my label")["data_label"] == "my label"
+  config.eval.data_label = "from config"
+  assert table1.data_info(config, meta(cohort_dir))["data_label"] == "from config"
 
 
 # ----------------------------------------------------------------------------- CLI
