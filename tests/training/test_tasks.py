@@ -17,7 +17,7 @@ MODEL_FAMILY_READERS = {"ctdiff_jax/training/tasks/__init__.py",
 
 
 def test_registry_builds_each_family():
-  assert set(tasks.TASKS) == {"diffusion", "pix2pix"}
+  assert set(tasks.TASKS) == {"diffusion", "pix2pix", "segmentation"}
   for module in (kidneys, pix2pix_kidneys):
     config = module.get_config("smoke")
     task = tasks.get_task(config)
