@@ -258,15 +258,27 @@ def setup(config, synthetic: Mapping[str, str]) -> Setup:
     raise ValueError(f"{REAL!r} names the real data; call the synthetic export otherwise")
   indices, cases = select_real(source, int(dcfg.real_cases), int(meta.get("lesion_label_id") or 0))
   parts = {REAL: Part(REAL, source, indices)}
+  test_source, _ = sources.open_split(config, config.eval_split)
+  test_cases = set(case_ids(test_source))
   for name, path in synthetic.items():
     src, _, lut = open_synthetic(path, meta)
     n = len(src) if not dcfg.max_synthetic else min(len(src), int(dcfg.max_synthetic))
     parts[name] = Part(name, src, np.arange(n), lut)
+    check_no_leak(name, path, parts[name], test_cases, config.eval_split)
   intensity = transforms.ExampleConfig.from_data_config(config.data).intensity
-  test_source, _ = sources.open_split(config, config.eval_split)
   test = load_slices(Part("test", test_source, np.arange(len(test_source))), intensity)
   return Setup(config, tasks.get_task(config), names, parts, test, cases, intensity,
                meta["dataset"])
+
+
+def check_no_leak(name: str, path: str, part: Part, test_cases: set[str], split: str) -> None:
+  """Synthetic slices keep their source slice outside the mask: none may come from a case
+  the arms are scored on (generate them from the train split: `generate --split=train`)."""
+  leaked = sorted(set(case_ids(part.source)) & test_cases)
+  if leaked:
+    raise ValueError(f"synthetic export {name!r} ({path}) was made from {split!r} cases "
+                     f"{leaked[:5]}, the split the segmenters are scored on; regenerate it "
+                     f"from the train split (generate --split=train)")
 
 
 def run_arms(s: Setup, runs_dir: str) -> tuple[dict[str, Any], dict[int, Any]]:
@@ -409,15 +421,17 @@ def jsonable(x):
   return x
 
 
-def evaluate(config, synthetic: Mapping[str, str], output_dir: str) -> dict[str, Any]:
-  """The whole downstream test; writes the tables.
+def evaluate(config, synthetic: Mapping[str, str], output_dir: str,
+             runs_dir: str | None = None) -> dict[str, Any]:
+  """The whole downstream test; writes the tables (the runs' workdirs: `runs_dir`, default
+  `<output_dir>/runs`).
 
   Returns {paths, summary, info, setup, real_params}: the last two feed the mask-consistency
   check (`consistency.evaluate(setup, real_params, output_dir)`).
   """
   s = setup(config, synthetic)
   output_dir = os.path.abspath(os.path.expanduser(output_dir))
-  results, real_params = run_arms(s, os.path.join(output_dir, "runs"))
+  results, real_params = run_arms(s, runs_dir or os.path.join(output_dir, "runs"))
   test_pixels = {c: int((s.test[1] == i + 1).sum()) for i, c in enumerate(s.class_names)}
   info = {"dataset": s.dataset, "eval": config.eval_split,
           "test_slices": int(len(s.test[1])), "test_pixels": test_pixels,

@@ -120,14 +120,17 @@ def data(tmp_path_factory):
                      spacing_mm=SPACING)
   config = small_config(root)
   source, _ = sources.open_split(config, "train")
-  # Stand-in synthetic export: the train records as a `kidneys` dataset (tumour -> kidney).
-  def examples():
+  # Stand-in synthetic exports: the train records as a `kidneys` dataset (tumour -> kidney),
+  # under new case ids ('syn') or their own ('leaky': the cases the test scores on).
+  def examples(prefix):
     for i in range(len(source)):
       rec = dict(source[i])
       rec["labels"] = np.minimum(np.asarray(rec["labels"]), 1).astype(np.uint8)
+      rec["case_id"] = prefix.encode() + rec["case_id"]
       yield f"{i:08d}", rec
-  export_tfds.write_tfds(str(root / "syn" / "tfds"), f"kidneys_{SIZE}px_12mm", "train",
-                         examples, {"scenario": "organ"})
+  for name, prefix in (("syn", "syn_"), ("leaky", "")):
+    export_tfds.write_tfds(str(root / name / "tfds"), f"kidneys_{SIZE}px_12mm", "train",
+                           lambda p=prefix: examples(p), {"scenario": "organ"})
   return root
 
 
@@ -135,7 +138,8 @@ def small_config(root):
   config = downstream_config.get_config("smoke")
   config.data_dir = str(root / "tfds")
   config.image_size, config.spacing_mm = SIZE, SPACING
-  config.eval_split = "train"  # Three cases: the train split is the one that surely exists.
+  # Three cases: the train split is the one that surely exists (scored on it: mechanics only).
+  config.eval_split = "train"
   config.segmentation.channels = (8, 16)
   config.num_train_steps, config.per_device_batch_size = 6, 2
   config.downstream.real_cases = 1
@@ -159,6 +163,11 @@ def test_same_seed_same_dice_and_synthetic_labels_mapped(data):
     pred = downstream.predict_labels(s.task, params, s.test[0], 16)
     dice.append(downstream.dice_per_class(pred, s.test[1], 3))
   np.testing.assert_array_equal(dice[0], dice[1])  # Same seed twice -> identical Dice.
+
+
+def test_synthetic_from_the_scored_cases_is_refused(data):
+  with pytest.raises(ValueError, match="made from 'train' cases .* scored on"):
+    downstream.setup(small_config(data), {"organ": str(data / "leaky")})
 
 
 def test_cli_writes_tables_and_consistency(data):
