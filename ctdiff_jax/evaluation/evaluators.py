@@ -159,17 +159,21 @@ class FIDEvaluator:
     return np.concatenate(self._features)
 
   def result(self, real: "FIDEvaluator", bootstrap: int, seed: int,
-             rows: np.ndarray | None = None) -> dict[str, Any]:
+             rows: np.ndarray | None = None,
+             own_rows: np.ndarray | None = None) -> dict[str, Any]:
     """FID (n1, n2, paired bootstrap std and 95% interval) of this column against `real`.
 
     Row i of both sets is the same slice, so the bootstrap resamples them with one index
-    vector. rows: the real rows this column's images pair with (default: all, in order).
-    Fewer than 2 images: fid None.
+    vector. rows: the real rows this column's images pair with (default: all, in order);
+    own_rows: only these of this column's images (e.g. a generator at the neighbour's
+    rows, to compare at equal N). Fewer than 2 images: fid None.
     """
     if real.kind != self.kind:
       raise ValueError(f"FID of {self.kind} against a {real.kind} real set")
     self.featurizer.flush()
     ours = np.concatenate(self._features) if self._features else np.zeros((0, 0))
+    if own_rows is not None:
+      ours = ours[np.asarray(own_rows, int)]
     ref = real.features if rows is None else real.features[np.asarray(rows, int)]
     if len(ref) != len(ours):
       raise ValueError(f"{self.kind}: {len(ours)} images pair with {len(ref)} real ones")

@@ -14,7 +14,9 @@ are compared with three "generated" sets of the same slices (the poster's column
              lower end): how much adjacent real slices differ, a floor for any generator.
              Only on disjoint sets: the pairs whose neighbour is none of the kept slices
              (evaluators.DisjointPairs; every other slice of a run of consecutive slices),
-             so its N is smaller than the other columns' (shown beside it).
+             so its N is smaller than the other columns' (shown beside it); the generative
+             methods' FIDs at those same rows (`at_neighbour_pairs`) compare with it at
+             equal N.
 
 Slices and masks come from generation's `organ` scenario (scenarios.Planner: its slice scan
 and organ masks); the generated columns are generation's own samples (runner.iter_samples on
@@ -329,6 +331,10 @@ def _row(config, split: str, selection: Selection, columns, models,
     entry["w1_hu"] = columns[name]["w1"].result()
     if name in models:
       entry.update(columns[name]["metrics"].result())
+      # The same FIDs at the neighbour's rows: comparable with the neighbour's (equal N).
+      entry["at_neighbour_pairs"] = {k: columns[name][k].result(
+          columns["real"][k], settings["bootstrap"], settings["seed"], neighbour_rows,
+          neighbour_rows) for k in FID_KINDS}
       inpainter = models[name][1]
       entry["checkpoint"] = {"path": inpainter.checkpoint, "step": int(inpainter.step),
                              "model_family": inpainter.config.model_family}
@@ -339,8 +345,8 @@ def _row(config, split: str, selection: Selection, columns, models,
                     f"biased upward and unstable; compare FIDs only at equal N.")
   n_nb = len(neighbour_rows)
   warnings.append(f"{organ_name(config)}: the neighbouring-slice FID uses N={n_nb} disjoint "
-                  f"(slice, neighbour) pairs, not the N={n} of the other columns: not "
-                  f"comparable with them.")
+                  f"(slice, neighbour) pairs, not the N={n} of the other columns: compare "
+                  f"it with their FIDs at those pairs (at_neighbour_pairs), not with N={n}.")
   for w in warnings:
     logging.warning("%s", w)
   return {

@@ -60,6 +60,8 @@ def csv_columns() -> list[str]:
     if m in GENERATIVE:
       for k in IMAGE_METRICS:
         cols += [f"{m}_{k}", f"{m}_{k}_std"]
+      for k in FID_KINDS:
+        cols += [f"{m}_{k}_at_pairs", f"{m}_{k}_at_pairs_std", f"{m}_{k}_at_pairs_n"]
   return cols
 
 
@@ -82,6 +84,10 @@ def _csv_row(row: Mapping[str, Any]) -> dict[str, Any]:
       for k in IMAGE_METRICS:
         r = entry.get(k) or {}
         out[f"{m}_{k}"], out[f"{m}_{k}_std"] = _blank(r.get("mean")), _blank(r.get("std"))
+      for k in FID_KINDS:
+        r = (entry.get("at_neighbour_pairs") or {}).get(k) or {}
+        out[f"{m}_{k}_at_pairs"], out[f"{m}_{k}_at_pairs_std"], out[f"{m}_{k}_at_pairs_n"] = (
+            _blank(r.get("fid")), _blank(r.get("std")), _blank(r.get("n1")))
   return out
 
 
@@ -150,11 +156,32 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
       if m in GENERATIVE:
         cells += [_fmt_metric(entry.get(k), METRIC_FORMATS[k]) for k in IMAGE_METRICS]
     lines.append("| " + " | ".join(cells) + " |")
+  lines += _equal_n_table(rows)
   lines += ["", *_footnotes(rows[0].get("settings", {}) if rows else {})]
   warnings = [w for row in rows for w in row.get("warnings", [])]
   if warnings:
     lines += ["", "**Warning:** " + " ".join(warnings)]
   return "\n".join(lines) + "\n"
+
+
+def _equal_n_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """FIDs of every method at the neighbouring slice's disjoint pairs (equal N), if any."""
+  if not any((row["methods"].get(m) or {}).get("at_neighbour_pairs")
+             for row in rows for m in GENERATIVE):
+    return []
+  head = ["Pairs", "Organ"] + [f"{METHOD_TITLES[m]} {FID_TITLES[k]}" for m in METHODS
+                               for k in FID_KINDS]
+  lines = ["", "FID at equal N: every method on the real slices of the neighbouring slice's "
+           "disjoint pairs (its rows only).", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row in rows:
+    cells = [str(row.get("num_neighbour_pairs", "?")), f"{row['organ']} ({row['split']})"]
+    for m in METHODS:
+      entry = row["methods"].get(m) or {}
+      at = entry if m == "neighbour" else entry.get("at_neighbour_pairs") or {}
+      cells += [fmt_fid(at.get(k)) for k in FID_KINDS]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
 
 
 def _footnotes(settings: Mapping[str, Any]) -> list[str]:
@@ -175,7 +202,7 @@ def _footnotes(settings: Mapping[str, Any]) -> list[str]:
       "volume's lower end) as the 'generated' image, on disjoint sets: only (slice, "
       "neighbour) pairs whose neighbour is none of the kept slices (every other slice of a "
       "run of consecutive slices), so real and neighbour sets share no image; its N is "
-      "smaller than the row's N.",
+      "smaller than the row's N: compare it with the methods at equal N (the second table).",
   ]
 
 

@@ -169,6 +169,8 @@ def _fake_row(organ: str, n: int, fid_base: float, with_pix2pix: bool,
 
   def gen(v):
     return {"fid_whole": fid_entry(v, 1.5), "fid_crop": fid_entry(v * 2),
+            "at_neighbour_pairs": {"fid_whole": fid_entry(v + 1, 2.0, n=n // 2),
+                                   "fid_crop": fid_entry(v + 2, n=n // 2)},
             "w1_hu": {"w1": v * 3, "n": n, "pixels": 10 * n},
             "mae_hu": {"mean": v / 2, "std": 3.0, "n": n},
             "psnr_db": {"mean": 25.0, "std": None, "n": n},
@@ -239,6 +241,12 @@ def test_write_tables_and_merge_round_trip(tmp_path):
   assert "liver: small N" in md and "kidneys: small N" not in md
   assert md.startswith("# Table 1: organ inpainting on CT from raw\n")
   assert "paired bootstrap (5 resamples, seed 0)" in md and "disjoint sets" in md
+  # The neighbour's FID beside every method's at its pairs (equal N), in a second table.
+  eq = [l for l in md.splitlines() if l.startswith("| 1500 | kidneys (test) |")]
+  assert len(eq) == 1 and "| 13.00 ± 2.00 [9.00, 17.00] N=1500 ⚠small N |" in eq[0]
+  assert "| 3.00 N=1500 ⚠small N |" in eq[0]
+  assert float(table[0]["diffusion_fid_whole_at_pairs"]) == 13.0
+  assert int(table[0]["diffusion_fid_crop_at_pairs_n"]) == 1500
 
 
 def test_table_names_the_phantom_data(tmp_path):
@@ -380,6 +388,10 @@ def test_evaluate_end_to_end(evaluated, smoke_run):
       assert math.isfinite(r["fid"]) and r["fid"] > 0 and r["std"] > 0, (m, k, r)
       assert r["ci"][0] <= r["ci"][1], (m, k, r)
     assert methods[m]["w1_hu"]["n"] == n and methods[m]["w1_hu"]["w1"] > 0, m
+  for m in table1.GENERATIVE:  # Also at the neighbour's pairs, to compare at equal N.
+    for k in table1.FID_KINDS:
+      r = methods[m]["at_neighbour_pairs"][k]
+      assert (r["n1"], r["n2"], r["paired"]) == (n_nb, n_nb, True) and r["fid"] > 0, (m, k)
   # The shared CT cases are not the phantom cohort; the row names them.
   assert row["phantom"] is False and row["data_label"].startswith("CT from ")
   # Each generative column comes from its own checkpoint: a Pix2Pix and a diffusion model
@@ -484,6 +496,12 @@ def test_crop_fid_recomputed_from_the_columns(evaluated, smoke_run, fid_weights)
     want = row["methods"][name]["fid_crop"]
     assert want["fid"] == pytest.approx(got.fid, rel=1e-4), name
     assert want["std"] == pytest.approx(got.std, rel=1e-3), name
+  # The diffusion FID at the neighbour's pairs: the same rows of both sets.
+  rows = pairs.positions
+  got = fid.fid_from_features(real[rows], feats(columns["diffusion"],
+                                                columns["diffusion"].generated)[rows], 3, 0)
+  assert row["methods"]["diffusion"]["at_neighbour_pairs"]["fid_crop"]["fid"] == \
+      pytest.approx(got.fid, rel=1e-4)
 
 
 def test_columns_come_from_their_own_checkpoints(evaluated, smoke_run, pix2pix_run):
