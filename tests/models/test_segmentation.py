@@ -42,12 +42,12 @@ def make_slices(n: int = 4, size: int = 32, seed: int = 0):
 
 
 def test_unet_shapes_and_size():
-  model = segmentation.SegmentationUNet(num_classes=3, channels=(12, 24, 48))
+  model = segmentation.SegmentationUNet(num_classes=3, channels=(8, 16, 32))
   x = jnp.zeros((2, 64, 64, 1))
   params = model.init(jax.random.key(0), x)["params"]
   assert model.apply({"params": params}, x).shape == (2, 64, 64, 3)
   n = sum(p.size for p in jax.tree.leaves(params))
-  assert 30_000 < n < 100_000  # The smoke segmenter: ~50k parameters.
+  assert 20_000 < n < 60_000  # The smoke segmenter.
 
 
 def test_config_checks():
