@@ -28,7 +28,7 @@ Data config fields (`config.data`; the defaults are in configs/default.py):
   mixed_weights     mixed mode: weights of (organ, bbox, shape[, lesion]).
   lesion_label_id   lesion mode: the dataset's lesion label (0 = none).
   lesion_dilation_mm  lesion mode: grow the lesion mask by this many mm.
-  neighbours        Add the windowed previous/next slices to `cond` (cond_channels 2 -> 4).
+  neighbours        Add the previous/next slices and 0/1 present flags to `cond` (2 -> 6).
   flip_lr_prob      Probability of a left-right flip (0: anatomy has laterality).
   translate_px      Max random translation in pixels, shifting in air (0 = off).
   intensity_jitter  j > 0: image (and neighbours) -> clip(x * (1 + a) + b), a, b ~ U(-j, j).

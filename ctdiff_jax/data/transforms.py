@@ -14,16 +14,22 @@ Per record (see ctdiff_jax/ingest/records.py), `MakeExample` produces:
   image        float32 (H, W, 1) in [-1, 1]   CT slice through the intensity map
   mask         float32 (H, W, 1) in {0, 1}    1 = region to regenerate (see data/masks.py)
   cond         float32 (H, W, C)              concat([image * (1 - mask), mask]
-                                                     + [prev, next] if neighbours)
+                                                     + [prev, next, prev_ok, next_ok]
+                                                     if neighbours)
   labels       uint8   (H, W, 1)
   slice_index  int32   ()
 
 The masked region of cond's first channel is 0, i.e. mid-grey in [-1, 1].
+
+A missing neighbour (the builder repeats the edge slice at a volume end, so prev/next is
+bit-identical to the slice itself) would hand the model the answer, unmasked: it is zeroed and
+its 0/1 flag channel (prev_ok / next_ok, constant over the slice) says it is missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping, Sequence
 
 import grain.python as grain
@@ -163,9 +169,34 @@ class ExampleConfig:
     return cls(**kw)
 
 
+NEIGHBOURS = (records.PREV_IMAGE, records.NEXT_IMAGE)
+
+
 def cond_channels(cfg: Any) -> int:
-  """Channels of `cond`: masked image + mask, plus prev/next slices when neighbours is on."""
-  return 4 if bool(getattr(cfg, "neighbours", False)) else 2
+  """Channels of `cond`: masked image + mask, plus prev/next slices and their 0/1 flags."""
+  return 2 + 2 * len(NEIGHBOURS) if bool(getattr(cfg, "neighbours", False)) else 2
+
+
+def neighbours_present(hu: Mapping[str, np.ndarray]) -> dict[str, bool]:
+  """Per neighbour: False when it is missing, i.e. bit-identical to the slice (volume end)."""
+  return {k: not np.array_equal(hu[k], hu[records.IMAGE]) for k in NEIGHBOURS if k in hu}
+
+
+def sided_labels(label_names: Mapping[Any, str]) -> list[str]:
+  """The label names with a side (a `left` / `right` word, e.g. kidney_left), sorted."""
+  words = lambda n: set(re.split(r"[^a-z]+", str(n).lower()))
+  return sorted(str(n) for n in label_names.values() if words(n) & {"left", "right"})
+
+
+def check_flip(cfg: "ExampleConfig", label_names: Mapping[Any, str]) -> None:
+  """Refuses left-right flips of a dataset with sided labels (a flip would not swap them)."""
+  sided = sided_labels(label_names)
+  if cfg.flip_lr_prob > 0 and sided:
+    raise ValueError(
+        f"data.flip_lr_prob={cfg.flip_lr_prob} flips slices left-right, but the dataset's "
+        f"labels have sides ({', '.join(sided)}): a flipped kidney_left would keep the left "
+        f"label on the right. Set --config.data.flip_lr_prob=0, or build the dataset with "
+        f"side-free organs (e.g. 'kidney').")
 
 
 def pixel_spacing(record: Mapping[str, Any], default_mm: float) -> tuple[float, float]:
@@ -212,8 +243,8 @@ def make_example(
                      f"(case {record.get(records.CASE_ID)!r})")
   hu = {records.IMAGE: image}
   if cfg.neighbours:
-    hu[records.PREV_IMAGE] = _field(record, records.PREV_IMAGE)
-    hu[records.NEXT_IMAGE] = _field(record, records.NEXT_IMAGE)
+    hu.update({k: _field(record, k) for k in NEIGHBOURS})
+  present = neighbours_present(hu)  # On the stored int16 HU, before any augmentation.
 
   # Geometric augmentation first so the mask is computed on the augmented labels.
   if cfg.flip_lr_prob > 0 and rng.uniform() < cfg.flip_lr_prob:
@@ -243,16 +274,23 @@ def make_example(
       lesion_label_id=cfg.lesion_label_id,
       lesion_dilation_mm=cfg.lesion_dilation_mm,
   )[..., None]
-  return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours)
+  return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours,
+                  present)
 
 
 def assemble(unit: Mapping[str, np.ndarray], mask: np.ndarray, labels: np.ndarray,
-             slice_index: int, neighbours: bool) -> dict[str, np.ndarray]:
-  """The model example from windowed images (`image`[, prev, next]) and a (H, W, 1) mask."""
+             slice_index: int, neighbours: bool,
+             present: Mapping[str, bool] | None = None) -> dict[str, np.ndarray]:
+  """The model example from mapped images (`image`[, prev, next]) and a (H, W, 1) mask.
+
+  `present` (default: all present) flags each neighbour; a missing one is zeroed.
+  """
   image_u = unit[records.IMAGE]
   parts = [image_u * (1.0 - mask), mask]
   if neighbours:
-    parts += [unit[records.PREV_IMAGE], unit[records.NEXT_IMAGE]]
+    ok = {k: bool((present or {}).get(k, True)) for k in NEIGHBOURS}
+    parts += [unit[k] if ok[k] else np.zeros_like(image_u) for k in NEIGHBOURS]
+    parts += [np.full_like(image_u, float(ok[k])) for k in NEIGHBOURS]
   return {
       "image": np.ascontiguousarray(image_u, np.float32),
       "mask": np.ascontiguousarray(mask, np.float32),
@@ -265,14 +303,14 @@ def assemble(unit: Mapping[str, np.ndarray], mask: np.ndarray, labels: np.ndarra
 def example_with_mask(record: Mapping[str, Any], cfg: ExampleConfig,
                       mask: np.ndarray) -> dict[str, np.ndarray]:
   """The model example of a record with a given (H, W) mask (generation; no augmentation)."""
-  imap = cfg.intensity
-  unit = {records.IMAGE: hu_to_unit(_field(record, records.IMAGE), imap)}
+  hu = {records.IMAGE: _field(record, records.IMAGE)}
   if cfg.neighbours:
-    for k in (records.PREV_IMAGE, records.NEXT_IMAGE):
-      unit[k] = hu_to_unit(_field(record, k), imap)
+    hu.update({k: _field(record, k) for k in NEIGHBOURS})
+  unit = {k: hu_to_unit(v, cfg.intensity) for k, v in hu.items()}
   mask = np.asarray(mask, np.float32).reshape(unit[records.IMAGE].shape)
   labels = _field(record, records.LABELS).astype(np.uint8)
-  return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours)
+  return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours,
+                  neighbours_present(hu))
 
 
 class MakeExample(grain.RandomMapTransform):

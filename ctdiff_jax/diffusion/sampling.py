@@ -13,6 +13,10 @@ Finally the known region is pasted back, so outside the mask the output is the i
 bit.
 
 The model is called as `apply_fn(variables, x_t, t [B] int32, cond, train=False)`.
+
+`rng` is one key for the batch, or [B] keys, one per example: with per-example keys (derived
+from each slice's global index, see training/tasks) every example's noise is its own, so the
+output does not depend on the batch size or the device count.
 """
 
 from __future__ import annotations
@@ -74,6 +78,27 @@ def _check_batch(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, 
   return image, mask, batch["cond"]
 
 
+def _split(key: jax.Array, n: int) -> tuple[jax.Array, ...]:
+  """`jax.random.split` of one key, or of each of [B] per-example keys (then [B] each)."""
+  if key.ndim == 0:
+    return tuple(jax.random.split(key, n))
+  keys = jax.vmap(lambda k: jax.random.split(k, n))(key)
+  return tuple(keys[:, i] for i in range(n))
+
+
+def _fold_in(key: jax.Array, i) -> jax.Array:
+  if key.ndim == 0:
+    return jax.random.fold_in(key, i)
+  return jax.vmap(lambda k: jax.random.fold_in(k, i))(key)
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """N(0, I) of `shape` [B, ...]: from one key, or per example from [B] keys."""
+  if key.ndim == 0:
+    return jax.random.normal(key, shape, jnp.float32)
+  return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(key)
+
+
 def _abar_at(schedule: schedule_lib.Schedule, t: jax.Array) -> jax.Array:
   """alpha-bar at t, with abar(-1) = 1 for the final step to x0."""
   return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
@@ -109,7 +134,7 @@ def sample(apply_fn: Callable[..., jax.Array], variables: Any, schedule: schedul
     variables: model variables.
     schedule: the noise schedule the model was trained with.
     batch: image [B,H,W,1] in [-1,1], mask [B,H,W,1] (1 = generate), cond [B,H,W,C].
-    rng: key; the same key gives the same output.
+    rng: one key, or [B] per-example keys; the same keys give the same output.
     sampler / num_steps / eta / repaint / resample: config.sampling (configs/default.py):
       'ddim' (strided, `num_steps` steps, stochasticity `eta`) or 'ddpm' (ancestral, all T
       steps; `num_steps` and `eta` are ignored); RePaint known-region overwrite and jumps per
@@ -129,32 +154,37 @@ def sample(apply_fn: Callable[..., jax.Array], variables: Any, schedule: schedul
 
   def jump(t, t_prev, key, x):
     """One RePaint jump at level t: overwrite the known region, denoise, maybe re-noise."""
-    known_key, denoise_key, renoise_key = jax.random.split(key, 3)
+    known_key, denoise_key, renoise_key = _split(key, 3)
     tb = jnp.full(image.shape[:1], t, jnp.int32)
     if repaint:
-      noise = jax.random.normal(known_key, x.shape, jnp.float32)
+      noise = _normal(known_key, x.shape)
       x = jnp.where(generate, x, schedule_lib.q_sample(schedule, image, tb, noise))
     out = apply_fn(variables, x, tb, cond, train=False).astype(jnp.float32)
-    z = jax.random.normal(denoise_key, x.shape, jnp.float32)
+    z = _normal(denoise_key, x.shape)
     x_prev = _denoise(out, schedule, x, t, t_prev, z, **step_opts)
     # Back from level t_prev to t: q(x_t | x_{t_prev}) has this mean and variance.
     ratio = _abar_at(schedule, t) / _abar_at(schedule, t_prev)
-    noise = jax.random.normal(renoise_key, x.shape, jnp.float32)
+    noise = _normal(renoise_key, x.shape)
     return x_prev, jnp.sqrt(ratio) * x_prev + jnp.sqrt(1 - ratio) * noise
 
   def step(i: jax.Array, x: jax.Array) -> jax.Array:
-    step_key = jax.random.fold_in(loop_key, i)
+    step_key = _fold_in(loop_key, i)
     if resample == 1:
-      return jump(ts[i], ts_prev[i], jax.random.fold_in(step_key, 0), x)[0]
+      return jump(ts[i], ts_prev[i], _fold_in(step_key, 0), x)[0]
 
     def body(u, x):
-      x_prev, x_back = jump(ts[i], ts_prev[i], jax.random.fold_in(step_key, u), x)
+      x_prev, x_back = jump(ts[i], ts_prev[i], _fold_in(step_key, u), x)
       return jnp.where(u < resample - 1, x_back, x_prev)
 
     return jax.lax.fori_loop(0, resample, body, x)
 
-  init_key, loop_key = jax.random.split(rng)
-  x = jax.random.normal(init_key, image.shape, jnp.float32)
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)  # Raw uint32 key data.
+  if rng.ndim not in (0, 1) or (rng.ndim == 1 and rng.shape[0] != image.shape[0]):
+    raise ValueError(f"sample: rng must be one key or [B={image.shape[0]}] keys, "
+                     f"got shape {rng.shape}")
+  init_key, loop_key = _split(rng, 2)
+  x = _normal(init_key, image.shape)
   x = jax.lax.fori_loop(0, len(ts_np), step, x)
   return jnp.where(generate, x, image)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from absl import logging
 import jax
@@ -54,31 +54,36 @@ class Inpainter:
     return self.per_device_batch * self.parallel.num_devices
 
   def inpaint(self, examples: Mapping[str, np.ndarray], seed: int, *,
-              progress: bool = True, desc: str = "inpainting") -> np.ndarray:
+              indices: Sequence[int] | None = None, progress: bool = True,
+              desc: str = "inpainting") -> np.ndarray:
     """examples: image/mask/cond [N, H, W, C] -> generated [N, H, W, 1] in [-1, 1].
 
-    Batch b uses key fold_in(key(seed), b): the same seed, checkpoint and inputs give the
-    same slices.
+    Example i draws its noise from fold_in(key(seed), indices[i]) (default: i), whatever the
+    batch size and device count: the same seed, checkpoint and inputs give the same slices,
+    and a request split into parts (each with its examples' global indices) gives the slices
+    of the whole.
     """
     n = int(examples["image"].shape[0])
     if n == 0:
       return np.zeros((0,) + tuple(examples["image"].shape[1:]), np.float32)
     bs, nd = self.batch_size, self.parallel.num_devices
-    key = jax.random.key(seed)
+    key_data_r = self.parallel.replicate(jax.random.key_data(jax.random.key(seed)))
+    index = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+    if index.shape != (n,) or index.min() < 0 or index.max() > np.iinfo(np.int32).max:
+      raise ValueError(f"indices must be {n} ints in [0, 2**31), got shape {index.shape}")
     outs = []
     t0 = time.time()
     bar = tqdm.tqdm(total=n, desc=desc, unit="slice", disable=not progress)
-    for b, start in enumerate(range(0, n, bs)):
+    for start in range(0, n, bs):
       chunk = {k: np.asarray(examples[k][start:start + bs], np.float32)
                for k in ("image", "mask", "cond")}
+      chunk[tasks.INDEX] = index[start:start + bs].astype(np.int32)
       m = chunk["image"].shape[0]
       if m < bs:  # Pad the last batch by repeating its final example; dropped below.
         chunk = {k: np.concatenate([v, np.repeat(v[-1:], bs - m, axis=0)]) for k, v in
                  chunk.items()}
       batch = {k: v.reshape((nd, -1) + v.shape[1:]) for k, v in chunk.items()}
-      key_data = jax.random.key_data(jax.random.fold_in(key, b))
-      out = self._generate(self.variables_r, self.parallel.shard(batch),
-                           self.parallel.replicate(key_data))
+      out = self._generate(self.variables_r, self.parallel.shard(batch), key_data_r)
       out = np.asarray(jax.device_get(out)).reshape((bs,) + chunk["image"].shape[1:])
       outs.append(out[:m])
       bar.update(m)

@@ -133,11 +133,6 @@ def paste_hu(generated: np.ndarray, image_hu: np.ndarray, mask: np.ndarray,
   return np.where(np.asarray(mask) > 0, hu, np.asarray(image_hu, np.int16))
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-  """The inpainter seed of one chunk (so chunks never share noise)."""
-  return int(np.random.SeedSequence([int(seed), int(chunk)]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
 def load_inpainter(config, checkpoint: str,
                    spec: GenerateSpec | None = None) -> inference.Inpainter:
   """The Inpainter of `checkpoint` (a workdir or its checkpoints dir), with clear errors.
@@ -197,7 +192,8 @@ def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Plan
                  wanted=None) -> Iterator[Samples]:
   """Generates `num_samples` slices of the planner's jobs in chunks of CHUNK_BATCHES batches.
 
-  The noise of chunk c comes from chunk_seed(planner.spec.seed, c). A chunk whose sample
+  Sample i's noise comes from (planner.spec.seed, i) alone, not from the chunk, batch size
+  or device count (Inpainter.inpaint). A chunk whose sample
   indices `wanted(indices)` declines (an export resumed) is skipped, not generated.
   """
   ecfg = transforms.ExampleConfig.from_data_config(config.data)
@@ -208,7 +204,7 @@ def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Plan
                   disable=not progress)
   t0, done = time.time(), 0
   try:
-    for c in itertools.count():
+    for _ in itertools.count():
       part = list(itertools.islice(jobs, chunk))
       if not part:
         break
@@ -217,7 +213,8 @@ def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Plan
         continue
       examples = [transforms.example_with_mask(j.record, ecfg, j.mask) for j in part]
       batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "cond")}
-      generated = inpainter.inpaint(batch, chunk_seed(spec.seed, c), progress=False)
+      generated = inpainter.inpaint(batch, spec.seed, indices=[j.index for j in part],
+                                    progress=False)
       done += len(part)
       bar.update(len(part))
       bar.set_postfix(slices_per_s=f"{done / max(time.time() - t0, 1e-9):.2f}")

@@ -4,10 +4,15 @@ Data-parallel over local devices (pmap or shard_map, `config.parallel`), Orbax c
 the Grain iterator state (resume from the latest step, onto any device count), clu metrics,
 JSONL/TensorBoard writers on process 0, periodic sample grids, and a clear abort on NaN/Inf.
 Metrics stay on device and are pulled every `log_every_steps`: no host sync per step.
+
+The step's learning rate is an argument of the compiled step, evaluated on the host from the
+task's schedule for this config's `num_train_steps`; `<workdir>/schedule.json` records the
+`num_train_steps` a run was trained towards, and resuming with another one logs a warning.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -27,6 +32,7 @@ from ctdiff_jax import figures
 from ctdiff_jax.training import writers
 from ctdiff_jax.training import workdir as run_workdir
 from ctdiff_jax.data import pipeline
+from ctdiff_jax.data import transforms
 
 
 class NonFiniteLossError(RuntimeError):
@@ -89,6 +95,39 @@ class _MetricLog:
     self.t_log, self.s_log = now, step
 
 
+SCHEDULE_FILE = "schedule.json"
+
+
+def learning_rates(task, num_train_steps: int) -> np.ndarray:
+  """float32 [num_train_steps + 1]: the LR of every step (index = the state's step)."""
+  steps = np.arange(num_train_steps + 1)
+  return np.asarray(jax.jit(jax.vmap(task.lr))(steps), np.float32)
+
+
+def check_schedule(workdir: str, num_train_steps: int, step: int, lrs: np.ndarray) -> None:
+  """Logs the schedule on resume, warns if the run was trained towards another length.
+
+  Then records this config's num_train_steps in `<workdir>/schedule.json` (process 0).
+  """
+  path = os.path.join(workdir, SCHEDULE_FILE)
+  if step > 0:
+    before = None
+    if os.path.exists(path):
+      with open(path) as f:
+        before = json.load(f).get("num_train_steps")
+    logging.info("resuming at step %d of %d: learning rate %.4g now, %.4g at the last step",
+                 step, num_train_steps, lrs[min(step, num_train_steps)], lrs[-1])
+    if before is not None and int(before) != int(num_train_steps):
+      logging.warning(
+          "the checkpoint at step %d was trained with num_train_steps=%d, the config says %d: "
+          "the learning-rate schedule (warmup/decay to the last step) changes from here on",
+          step, int(before), int(num_train_steps))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump({"num_train_steps": int(num_train_steps)}, f)
+
+
 def _restore_or_init(task, manager, data_iter, init_key: jax.Array) -> tuple[Any, int]:
   """The latest checkpoint's state and step (the iterator restored too), else a fresh state."""
   if manager.latest_step() is None:
@@ -106,6 +145,7 @@ def _train(config, workdir: str, task, par: parallel.DataParallel, state, initia
   state_r = par.replicate(jax.device_get(state))
   key_data_r = par.replicate(jax.random.key_data(run_key))
   p_train = par.map(task.train_step, donate_argnums=(0,))
+  lrs = learning_rates(task, config.num_train_steps)
   p_generate = par.map(lambda s, b, k: task.generate(task.sampling_variables(s), b, k))
   hooks = writers.periodic_actions(workdir, config.num_train_steps, writer, config.profile)
   with tqdm.tqdm(total=config.num_train_steps, initial=initial_step, unit="step",
@@ -115,7 +155,8 @@ def _train(config, workdir: str, task, par: parallel.DataParallel, state, initia
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = par.shard(next(batches))
-        state_r, step_metrics = p_train(state_r, batch, key_data_r)
+        # The state's step before this update is step - 1 (the schedule's index).
+        state_r, step_metrics = p_train(state_r, batch, key_data_r, par.replicate(lrs[step - 1]))
       log.add(step, step_metrics)
       bar.update(1)
       for hook in hooks:
@@ -149,7 +190,9 @@ def _train_and_evaluate(config, workdir: str, iterator_wrapper) -> Any:
   logging.info("training %s on %d %s device(s), parallel=%s, workdir=%s", config.model_family,
                par.num_devices, par.devices[0].platform, par.mode, workdir)
 
-  source, _ = sources.open_split(config, config.train_split)
+  source, meta = sources.open_split(config, config.train_split)
+  transforms.check_flip(transforms.ExampleConfig.from_data_config(config.data),
+                        meta.get("label_names") or {})
   loader = pipeline.create_loader(
       source, config.data, batch_shape=(par.num_devices, config.per_device_batch_size),
       seed=config.seed, worker_count=config.data.worker_count)
@@ -160,6 +203,8 @@ def _train_and_evaluate(config, workdir: str, iterator_wrapper) -> Any:
   manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints,
                                          async_save=config.async_checkpointing)
   state, initial_step = _restore_or_init(task, manager, data_iter, init_key)
+  check_schedule(workdir, config.num_train_steps, initial_step,
+                 learning_rates(task, config.num_train_steps))
   writer = writers.Writer(workdir)
   try:
     if jax.process_index() == 0:

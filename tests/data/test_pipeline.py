@@ -116,7 +116,7 @@ def test_make_example_channels(neighbours):
   rec = _record(1)
   ex = transforms.make_example(rec, cfg, np.random.default_rng(0))
   c = pipeline.cond_channels(_cfg(neighbours=neighbours))
-  assert c == (4 if neighbours else 2)
+  assert c == (6 if neighbours else 2)
   assert ex["image"].shape == (H, H, 1) and ex["image"].dtype == np.float32
   assert ex["mask"].shape == (H, H, 1) and ex["mask"].dtype == np.float32
   assert ex["cond"].shape == (H, H, c) and ex["cond"].dtype == np.float32
@@ -134,6 +134,45 @@ def test_make_example_channels(neighbours):
         rec[records.PREV_IMAGE], (-500, 500)), atol=0)
     np.testing.assert_allclose(ex["cond"][..., 3:4], transforms.hu_to_unit(
         rec[records.NEXT_IMAGE], (-500, 500)), atol=0)
+    np.testing.assert_array_equal(ex["cond"][..., 4:6], 1.0)  # Both neighbours present.
+
+
+@pytest.mark.parametrize("missing", [records.PREV_IMAGE, records.NEXT_IMAGE])
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_missing_neighbour_is_zeroed_and_flagged(missing, flip):
+  """At a volume end the builder repeats the slice: that must not reach `cond` unmasked."""
+  rec = _record(1)
+  rec[missing] = rec[records.IMAGE].copy()
+  cfg = transforms.ExampleConfig.from_data_config(
+      _cfg(neighbours=True, mask_mode="organ", flip_lr_prob=flip, intensity_jitter=0.1))
+  mask = (rec[records.LABELS][..., 0] > 0)
+  for ex in (transforms.make_example(rec, cfg, np.random.default_rng(0)),
+             transforms.example_with_mask(rec, cfg, mask)):
+    assert ex["mask"].sum() > 0
+    channel = {records.PREV_IMAGE: 2, records.NEXT_IMAGE: 3}
+    other = records.NEXT_IMAGE if missing == records.PREV_IMAGE else records.PREV_IMAGE
+    np.testing.assert_array_equal(ex["cond"][..., channel[missing]], 0.0)
+    np.testing.assert_array_equal(ex["cond"][..., channel[missing] + 2], 0.0)
+    np.testing.assert_array_equal(ex["cond"][..., channel[other] + 2], 1.0)
+    assert np.abs(ex["cond"][..., channel[other]]).max() > 0
+    # Nothing in cond reveals the masked pixels of the slice.
+    m = ex["mask"][..., 0] > 0
+    for c in range(ex["cond"].shape[-1]):
+      if c != 1:
+        assert not np.array_equal(ex["cond"][..., c][m], ex["image"][..., 0][m]), c
+
+
+def test_flip_is_refused_for_sided_labels():
+  """A flip does not swap kidney_left/kidney_right: refuse it rather than train wrong labels."""
+  sided = {"1": "kidney_left", "2": "kidney_right", "3": "liver"}
+  assert transforms.sided_labels(sided) == ["kidney_left", "kidney_right"]
+  assert transforms.sided_labels({"1": "Left-Lung", "2": "lung_upper_lobe_right"}) == [
+      "Left-Lung", "lung_upper_lobe_right"]
+  assert transforms.sided_labels({"1": "kidney", "2": "cleft", "3": "brightness"}) == []
+  with pytest.raises(ValueError, match="flip_lr_prob=0.5.*kidney_left, kidney_right"):
+    transforms.check_flip(transforms.ExampleConfig(flip_lr_prob=0.5), sided)
+  transforms.check_flip(transforms.ExampleConfig(flip_lr_prob=0.0), sided)
+  transforms.check_flip(transforms.ExampleConfig(flip_lr_prob=0.5), {"1": "kidney"})
 
 
 def test_augmentations_keep_image_labels_and_mask_aligned():
@@ -303,6 +342,6 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
                         capture_output=True, text=True, timeout=240, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert out == {"len": 6, "equal": True, "num_batches": 1, "cond_shape": [2, 3, H, H, 4],
+  assert out == {"len": 6, "equal": True, "num_batches": 1, "cond_shape": [2, 3, H, H, 6],
                  "seen": list(range(6)), "tf_loaded": False}
   assert (tmp_path / "ct_slices" / "tinytest" / "1.0.0" / "dataset_info.json").exists()

@@ -183,6 +183,37 @@ def test_restore_onto_different_device_count(data_dir, tmp_path):
   assert int(state.step) == 4
 
 
+def test_resume_with_another_num_train_steps_warns_and_follows_the_new_schedule(
+    data_dir, tmp_path, caplog):
+  trainer.train_and_evaluate(smoke_config(data_dir, num_train_steps=2), str(tmp_path))
+  assert json.loads((tmp_path / trainer.SCHEDULE_FILE).read_text())["num_train_steps"] == 2
+  config = smoke_config(data_dir, num_train_steps=30)
+  with caplog.at_level("INFO"), pytest.raises(_Interrupt):  # Stops in step 5.
+    trainer.train_and_evaluate(config, str(tmp_path), iterator_wrapper=stop_after(2))
+  assert "trained with num_train_steps=2, the config says 30" in caplog.text
+  assert "resuming at step 2 of 30" in caplog.text
+  assert json.loads((tmp_path / trainer.SCHEDULE_FILE).read_text())["num_train_steps"] == 30
+  # Steps 3 and 4 ran at the new schedule's LR (warmup of 20 steps to the peak).
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  lr = {m["step"]: m["learning_rate"] for m in lines if "learning_rate" in m}
+  want = trainer.learning_rates(tasks.get_task(config), 30)
+  np.testing.assert_allclose([lr[3], lr[4]], want[2:4], rtol=1e-6)
+  assert lr[3] == pytest.approx(config.optim.learning_rate * 2 / 20, rel=1e-6)
+
+
+def test_flip_with_sided_labels_is_refused(data_dir, tmp_path, monkeypatch):
+  real = trainer.sources.open_split
+
+  def sided(config, split):
+    source, meta = real(config, split)
+    return source, dict(meta, label_names={"1": "kidney_left", "2": "kidney_right"})
+
+  monkeypatch.setattr(trainer.sources, "open_split", sided)
+  with pytest.raises(ValueError, match="labels have sides"):
+    trainer.train_and_evaluate(smoke_config(data_dir, **{"data.flip_lr_prob": 0.5}),
+                               str(tmp_path))
+
+
 def test_nan_in_batch_stops_training_with_clear_message(data_dir, tmp_path):
   def inject(it):
     for i, batch in enumerate(it):

@@ -14,6 +14,7 @@ from ctdiff_jax.training.tasks import pix2pix
 from ctdiff_jax.training.tasks import segmentation
 
 Task = base.Task
+INDEX = base.INDEX  # Batch key of the examples' global indices at generation.
 
 TASKS: dict[str, type[base.Task]] = {
     "diffusion": diffusion.DiffusionTask,

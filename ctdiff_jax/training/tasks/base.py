@@ -14,9 +14,27 @@ import abc
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+
+from ctdiff_jax.training import parallel
 
 # States are `train_state.TrainState`s; not imported here to keep the import graph shallow.
 TrainState = Any
+# Batch key of the examples' global indices at generation (inference.Inpainter sets it).
+INDEX = "index"
+
+
+def generation_keys(key_data: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+  """Per-device: one key per local example, fold_in(key, the example's global index).
+
+  The index is `batch['index']` (Inpainter: the slice's position in the whole request) or,
+  without it, the position in the global batch (`parallel.example_keys`). Either way the noise
+  of an example does not depend on the device count, and with `index`, not on the batch size.
+  """
+  key = jax.random.wrap_key_data(key_data)
+  if INDEX not in batch:
+    return parallel.example_keys(key, batch["image"].shape[0])
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(batch[INDEX], jnp.int32))
 
 
 class Task(abc.ABC):
@@ -24,6 +42,7 @@ class Task(abc.ABC):
 
   nets: tuple[str, ...]  # Names of the networks in `TrainState.nets` (logged at start).
   metrics_collection: Any  # clu `metrics.Collection` type of `train_step`'s metrics.
+  lr: Any  # The LR schedule, step -> learning rate (set by the subclass from the config).
 
   def __init__(self, config, cond_channels: int):
     self.config = config
@@ -34,11 +53,13 @@ class Task(abc.ABC):
     """The initial state (step 0); pure, so `jax.eval_shape` gives the restore template."""
 
   @abc.abstractmethod
-  def train_step(self, state: TrainState, batch: dict[str, jax.Array],
-                 key_data: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  def train_step(self, state: TrainState, batch: dict[str, jax.Array], key_data: jax.Array,
+                 learning_rate: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """Per-device step -> (new state, metrics incl. `loss` and `finite`).
 
-    `key_data` is the run's base key (raw uint32), the same on every device.
+    `key_data` is the run's base key (raw uint32), the same on every device. `learning_rate`
+    is this step's LR as a traced value (so a new num_train_steps does not recompile the
+    step); None evaluates the task's schedule `self.lr` inside the step.
     """
 
   @abc.abstractmethod

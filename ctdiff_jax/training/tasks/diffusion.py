@@ -61,9 +61,15 @@ class DiffusionTask(base.Task):
     return self.model.apply(variables, x_t, t, cond, train=train, rngs=rngs)
 
   # --- training ----------------------------------------------------------------------------
-  def train_step(self, state: ts.TrainState, batch: dict[str, jax.Array],
-                 key_data: jax.Array) -> tuple[ts.TrainState, dict[str, jax.Array]]:
-    """Per-device step; `key_data` is the run's base key (raw uint32), same on every device."""
+  def train_step(self, state: ts.TrainState, batch: dict[str, jax.Array], key_data: jax.Array,
+                 learning_rate: jax.Array | None = None
+                 ) -> tuple[ts.TrainState, dict[str, jax.Array]]:
+    """Per-device step; `key_data` is the run's base key (raw uint32), same on every device.
+
+    `learning_rate`: this step's LR, traced (the trainer passes the schedule's value); None
+    evaluates the schedule inside the step.
+    """
+    lr = self.lr(state.step) if learning_rate is None else learning_rate
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
     bsz = batch["image"].shape[0]
     keys = parallel.example_keys(key, bsz)
@@ -89,9 +95,10 @@ class DiffusionTask(base.Task):
     mse_mask = lax.pmean(aux["mse_mask"], parallel.AXIS)
     # A non-finite step leaves the state untouched; the host aborts when it sees the flag.
     new_net, grad_norm, finite = ts.update_net(net, grads, self.tx, self.config.optim.ema_decay,
-                                               ok=jnp.isfinite(loss))
+                                               ok=jnp.isfinite(loss), step=state.step,
+                                               learning_rate=lr)
     metrics = {"loss": loss, "grad_norm": grad_norm, "mse_mask": mse_mask,
-               "learning_rate": self.lr(state.step), "finite": finite}
+               "learning_rate": jnp.asarray(lr, jnp.float32), "finite": finite}
     return ts.TrainState(step=state.step + 1, nets={NET: new_net}), metrics
 
   # --- generation --------------------------------------------------------------------------
@@ -113,9 +120,9 @@ class DiffusionTask(base.Task):
     """
     scfg = self.config.sampling
     opts = self.generate_options(num_steps, sampler)
-    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), lax.axis_index(parallel.AXIS))
+    keys = base.generation_keys(key_data, batch)  # Per example: device/batch-size invariant.
     return sampling.sample(
-        self.apply, variables, self.schedule, batch, key,
+        self.apply, variables, self.schedule, batch, keys,
         sampler=opts["sampler"], num_steps=opts["num_steps"], eta=scfg.eta,
         prediction=self.config.diffusion.prediction, repaint=scfg.repaint,
         resample=scfg.resample)

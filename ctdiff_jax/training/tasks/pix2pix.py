@@ -68,7 +68,9 @@ def make_optimizer(pcfg, num_train_steps: int) -> tuple[optax.GradientTransforma
   which cuts the step's compile time on CPU by about a quarter; same numbers.
   """
   lr = learning_rate_schedule(pcfg.lr, num_train_steps, pcfg.lr_decay_fraction)
-  return optax.flatten(optax.adam(lr, b1=pcfg.b1, b2=pcfg.b2)), lr
+  # optax.adam with the scheduled LR replaced by the traced one (same state tree).
+  adam = optax.chain(optax.scale_by_adam(b1=pcfg.b1, b2=pcfg.b2), ts.scale_by_traced_lr())
+  return optax.flatten(adam), lr
 
 
 def gan_loss(logits: jax.Array, real: bool, kind: str) -> jax.Array:
@@ -165,10 +167,16 @@ class Pix2PixTask(base.Task):
     return self.discriminator.apply(variables, cond, image)
 
   # --- training ----------------------------------------------------------------------------
-  def train_step(self, state: ts.TrainState, batch: dict[str, jax.Array],
-                 key_data: jax.Array) -> tuple[ts.TrainState, dict[str, jax.Array]]:
-    """Per-device D-then-G step; `key_data` is the run's base key (raw uint32), same everywhere."""
+  def train_step(self, state: ts.TrainState, batch: dict[str, jax.Array], key_data: jax.Array,
+                 learning_rate: jax.Array | None = None
+                 ) -> tuple[ts.TrainState, dict[str, jax.Array]]:
+    """Per-device D-then-G step; `key_data` is the run's base key (raw uint32), same everywhere.
+
+    `learning_rate`: this step's LR of both networks, traced (None: the schedule's).
+    """
     pcfg = self.config.pix2pix
+    lr = self.lr(state.step) if learning_rate is None else learning_rate
+    upd = dict(step=state.step, learning_rate=lr)
     kind = pcfg.gan_loss
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
     keys = parallel.example_keys(key, batch["image"].shape[0]) if pcfg.dropout > 0 else None
@@ -188,7 +196,7 @@ class Pix2PixTask(base.Task):
 
     (d_loss, (d_real, d_fake)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(
         d_net.params)
-    new_d, d_grad_norm, d_finite = ts.update_net(d_net, d_grads, self.tx, pcfg.ema_decay)
+    new_d, d_grad_norm, d_finite = ts.update_net(d_net, d_grads, self.tx, pcfg.ema_decay, **upd)
 
     def g_objective(gen):
       composite = paste(gen, batch)
@@ -199,7 +207,7 @@ class Pix2PixTask(base.Task):
 
     (g_loss, (g_gan, g_l1)), d_gen = jax.value_and_grad(g_objective, has_aux=True)(gen)
     (g_grads,) = g_vjp(d_gen)
-    new_g, g_grad_norm, g_finite = ts.update_net(g_net, g_grads, self.tx, pcfg.ema_decay)
+    new_g, g_grad_norm, g_finite = ts.update_net(g_net, g_grads, self.tx, pcfg.ema_decay, **upd)
 
     scalars = lax.pmean({"g_loss": g_loss, "g_gan": g_gan, "g_l1": g_l1, "d_loss": d_loss,
                          "d_real": d_real, "d_fake": d_fake}, parallel.AXIS)
@@ -209,7 +217,7 @@ class Pix2PixTask(base.Task):
                             {GEN: new_g, DISC: new_d}, {GEN: g_net, DISC: d_net})
     metrics = dict(scalars, loss=scalars["g_loss"],  # `loss`: what the trainer's abort names.
                    g_grad_norm=g_grad_norm, d_grad_norm=d_grad_norm,
-                   learning_rate=self.lr(state.step), finite=finite)
+                   learning_rate=jnp.asarray(lr, jnp.float32), finite=finite)
     return ts.TrainState(step=state.step + 1, nets=new_nets), metrics
 
   # --- generation --------------------------------------------------------------------------
@@ -230,7 +238,7 @@ class Pix2PixTask(base.Task):
     pcfg = self.config.pix2pix
     keys = None
     if pcfg.dropout_at_generation and pcfg.dropout > 0:
-      key = jax.random.fold_in(jax.random.wrap_key_data(key_data), _GEN_SALT)
-      keys = parallel.example_keys(key, batch["image"].shape[0])
+      keys = base.generation_keys(key_data, batch)
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, _GEN_SALT))(keys)
     gen = self.apply_generator(variables, batch["cond"], keys)
     return paste(gen, batch).astype(jnp.float32)
