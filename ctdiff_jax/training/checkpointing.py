@@ -68,8 +68,9 @@ def restore_state_only(path_or_workdir: str, abstract_state: Any,
     path = os.path.join(path, "checkpoints")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint directory at {path_or_workdir}")
+  # Not read_only=True: Orbax then logs two warnings per restore; this manager never saves.
   manager = ocp.CheckpointManager(
-      path, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      path, options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={"state": ocp.StandardCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
