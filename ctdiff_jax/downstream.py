@@ -11,6 +11,7 @@ consistency.py. Each SYN dir is a `generate --tfds` output_dir.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 
@@ -52,6 +53,11 @@ def main(argv: Sequence[str]) -> None:
       s for s in str(config.downstream.synthetic).split(",") if s.strip()]
   synthetic = parse_synthetic(items)
   pipeline.ensure_flags_parsed()
+  # Every (arm, seed) compiles the same step: share compiled programs across runs and calls.
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.expanduser("~/.cache/ctdiff_jax/jax_compilation_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   output_dir = fl.output_dir or config.downstream.output_dir
   out = downstream.evaluate(config, synthetic, output_dir)
   if out["real_params"] and synthetic:  # Mask consistency: the real-only segmenters.
