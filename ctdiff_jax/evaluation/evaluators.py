@@ -220,7 +220,8 @@ class W1Evaluator:
 
 
 def _digest(image: np.ndarray) -> bytes:
-  return hashlib.sha1(np.ascontiguousarray(image).tobytes()).digest()
+  """Content key of one slice, independent of its dtype (HU in float64 are exact)."""
+  return hashlib.sha1(np.ascontiguousarray(image, np.float64).tobytes()).digest()
 
 
 class DisjointPairs:

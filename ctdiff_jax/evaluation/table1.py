@@ -344,9 +344,10 @@ def _row(config, split: str, selection: Selection, columns, models,
     warnings.append(f"{organ_name(config)}: FID on N={n} < {SMALL_N} images per set is "
                     f"biased upward and unstable; compare FIDs only at equal N.")
   n_nb = len(neighbour_rows)
-  warnings.append(f"{organ_name(config)}: the neighbouring-slice FID uses N={n_nb} disjoint "
-                  f"(slice, neighbour) pairs, not the N={n} of the other columns: compare "
-                  f"it with their FIDs at those pairs (at_neighbour_pairs), not with N={n}.")
+  if n_nb != n:
+    warnings.append(f"{organ_name(config)}: the neighbouring-slice FID uses N={n_nb} "
+                    f"disjoint (slice, neighbour) pairs, not the N={n} of the other columns: "
+                    f"compare it with their FIDs at those pairs (at_neighbour_pairs).")
   for w in warnings:
     logging.warning("%s", w)
   return {

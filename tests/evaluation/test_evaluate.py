@@ -7,6 +7,7 @@ needs the FID weight archive (found like tests/test_fid.py; skips without one). 
 """
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -463,6 +464,7 @@ def test_every_column_sees_the_same_slices_masks_and_boxes(evaluated, smoke_run)
   pairs = table1.evaluators.DisjointPairs()
   kept = pairs.select(columns["neighbour"])
   assert len(pairs.positions) == row["num_neighbour_pairs"] >= 2
+  assert kept.real.dtype == kept.generated.dtype  # bytes compare like images
   overlap = {a.tobytes() for a in kept.real} & {a.tobytes() for a in kept.generated}
   assert not overlap
   # W1: the in-mask HU of each method against the real in-mask HU.
@@ -587,6 +589,11 @@ def test_neighbour_pairs_are_disjoint():
     full = _volume_batches(slices, 1)[0]
     np.testing.assert_array_equal(full.real[pairs.positions], real)
     np.testing.assert_array_equal(full.generated[pairs.positions], nb)
+  # Images are compared by content, whatever their dtype.
+  pairs = evaluators.DisjointPairs()
+  (batch,) = _volume_batches(list(range(12)), 1)
+  pairs.select(dataclasses.replace(batch, generated=batch.generated.astype(np.float32)))
+  assert len(pairs.positions) == 6
 
 
 def test_w1_evaluator_pools_in_mask_hu():
