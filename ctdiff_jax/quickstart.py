@@ -169,6 +169,41 @@ def _scenario_metrics(report: str, tumor_config, samples: dict) -> str:
   return path
 
 
+def _downstream(out: str, report: str, configs: dict, runs: dict[str, str], *,
+                num_samples: int, seed: int, steps: int) -> dict[str, str]:
+  """Downstream segmentation (real vs + synthetic, 3 seeds) and mask consistency -> report/.
+
+  Its synthetic slices are made from the train split (stage 4's come from the test split the
+  segmenters are scored on): organ from the kidneys model, tumour from the kidney_tumor one.
+  """
+  # pylint: disable=g-import-not-at-top
+  from configs import downstream as downstream_config
+  from ctdiff_jax.evaluation import consistency, downstream
+  from ctdiff_jax.generation import runner
+  # pylint: enable=g-import-not-at-top
+  t0 = _stage("downstream: segmentation on real +- synthetic slices, mask consistency")
+  synthetic = {}
+  for scenario, name in (("organ", "diffusion_kidneys"), ("tumor", "diffusion_kidney_tumor")):
+    dest = os.path.join(out, "synthetic_train", scenario)
+    spec = runner.GenerateSpec(scenario=scenario, num_samples=num_samples, seed=seed,
+                               split="train", tfds=True, formats=("png",), overwrite=True)
+    runner.generate(configs[name], runner.load_inpainter(configs[name], runs[name]), spec,
+                    dest, progress=False)
+    synthetic[scenario] = dest
+  config = downstream_config.get_config("smoke")
+  for field in ("data_dir", "image_size", "spacing_mm"):
+    config[field] = configs["diffusion_kidney_tumor"][field]
+  config.downstream.seeds = tuple(seed + k for k in range(3))
+  config.num_train_steps = min(config.num_train_steps, steps)  # --steps=4: a tiny run.
+  result = downstream.evaluate(config, synthetic, report,
+                               runs_dir=os.path.join(out, "runs", "downstream"))
+  result["paths"].update(consistency.evaluate(result["setup"], result["real_params"], report))
+  _done(t0)
+  return {"downstream (Dice)": result["paths"]["downstream.md"],
+          "downstream bar plot": result["paths"]["downstream.png"],
+          "mask consistency": result["paths"]["consistency.md"]}
+
+
 def _report(out: str, report: str, data_dir: str, runs: dict[str, str],
             synthetic: dict[str, str]) -> dict[str, str]:
   """Stage 6: figures and loss curves into report/; returns the paths of the artefacts."""
@@ -228,11 +263,13 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
                   data_label="phantom cohort")
   _done(t0)
 
-  paths = _report(out, report, data_dir, runs, synthetic)
+  downstream_paths = _downstream(out, report, configs, runs, num_samples=2 * num_samples,
+                                 seed=seed, steps=steps)
+  paths = {**_report(out, report, data_dir, runs, synthetic), **downstream_paths}
   print(f"\nquickstart finished in {(time.time() - t_all) / 60:.1f} min. Results:")
   for k, v in paths.items():
     print(f"  {k:28s} {v}")
-  for name in ("table1.md", "scenarios.md"):
+  for name in ("table1.md", "scenarios.md", "downstream.md", "consistency.md"):
     with open(os.path.join(report, name), encoding="utf-8") as f:
       print("\n" + f.read())
   return paths

@@ -47,9 +47,15 @@ def test_quickstart_tiny(tiny_models, fid_source, tmp_path, monkeypatch):
   report = out / "report"
   for name in ("figure4.png", "figure4_context.png", "figure4_tumor.png", "table1.md",
                "table1.csv", "table1.json", "per_slice.csv", "training_loss.png",
-               "scenarios.md"):
+               "scenarios.md", "downstream.md", "downstream.png", "consistency.md"):
     assert (report / name).is_file() and (report / name).stat().st_size > 0, name
   assert paths["Table 1"] == str(report / "table1.md")
+  # Downstream arms x 3 seeds and the mask consistency of both train-split exports.
+  downstream = json.loads((report / "downstream.json").read_text())
+  assert [r["arm"] for r in downstream["summary"]] == ["real", "real+organ+tumor", "organ+tumor"]
+  assert all(len(r["seeds"]) == 3 for r in downstream["summary"])
+  assert {"organ", "tumor"} < set(json.loads((report / "consistency.json").read_text())[
+      "scenarios"])
   # Each scenario beside the ring-mean fill, and the tumour's three W1 numbers.
   scen = (report / "scenarios.md").read_text()
   for scenario in ("organ", "context", "tumor"):
