@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -157,12 +158,16 @@ def test_same_seed_same_dice_and_synthetic_labels_mapped(data):
                      for j in range(len(s.parts["organ"]))])
   assert labels.max() == 1  # The `kidneys` export's kidney is the real dataset's kidney (1).
   src = downstream.arm_source("real+organ", s.parts)
-  dice = []
-  for run in ("a", "b"):
-    params = downstream.train_arm(config, src, 0, str(data / "runs" / run))
-    pred = downstream.predict_labels(s.task, params, s.test[0], 16)
+  dice, params = [], []
+  for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+    params.append(downstream.train_arm(config, src, seed, str(data / "runs" / run)))
+    pred = downstream.predict_labels(s.task, params[-1], s.test[0], 16)
     dice.append(downstream.dice_per_class(pred, s.test[1], 3))
-  np.testing.assert_array_equal(dice[0], dice[1])  # Same seed twice -> identical Dice.
+  np.testing.assert_array_equal(dice[0], dice[1])  # Same seed twice -> identical Dice ...
+  for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+    np.testing.assert_array_equal(a, b)  # ... from identical weights,
+  assert any(not np.array_equal(a, b)  # which another seed does change.
+             for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[2])))
 
 
 def test_synthetic_from_the_scored_cases_is_refused(data):
