@@ -48,9 +48,10 @@ def check_config(config) -> None:
   from ctdiff_jax.training import parallel
   from ctdiff_jax.training import tasks
   # pylint: enable=g-import-not-at-top
-  if config.model_family not in tasks.TASKS:
-    raise ValueError(f"config.model_family: unknown model family {config.model_family!r}; "
-                     f"expected one of {sorted(tasks.TASKS)}: {_fix('model_family')}")
+  try:
+    tasks.task_class(config.model_family)
+  except ValueError as e:
+    raise ValueError(f"{e}: {_fix('model_family')}") from None
   if config.parallel not in parallel.MODES:
     raise ValueError(f"config.parallel: unknown mode {config.parallel!r}; expected one of "
                      f"{parallel.MODES}: {_fix('parallel')}")

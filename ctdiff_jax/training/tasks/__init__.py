@@ -28,7 +28,11 @@ def get_task(config, cond_channels: int | None = None) -> base.Task:
   if cond_channels is None:
     from ctdiff_jax.data import transforms  # pylint: disable=g-import-not-at-top
     cond_channels = transforms.cond_channels(config.data)
-  family = config.model_family
+  return task_class(config.model_family)(config, cond_channels)
+
+
+def task_class(family: str) -> type[base.Task]:
+  """The registered Task class of a model family name (ValueError naming the choices)."""
   if family not in TASKS:
     raise ValueError(f"config.model_family must be one of {sorted(TASKS)}, got {family!r}")
-  return TASKS[family](config, cond_channels)
+  return TASKS[family]
