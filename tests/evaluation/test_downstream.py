@@ -43,10 +43,11 @@ def test_dice_known_answer():
 
 
 def test_found_fraction_and_summary():
-  truth = np.zeros((3, 4, 4), np.uint8)
-  truth[:, 1, 1] = 2  # A tumour labelled on all three slices ...
+  truth = np.zeros((4, 4, 4), np.uint8)
+  truth[:3, 1, 1] = 2  # A tumour labelled on three of four slices ...
   pred = np.zeros_like(truth)
-  pred[0, 1, 1] = 2  # ... found on one.
+  pred[0, 1, 1] = 2  # ... found on one (and predicted where none is labelled: no 'found').
+  pred[3, 1, 1] = 2
   np.testing.assert_allclose(consistency.found_fraction(pred, truth, 3)[1], 1 / 3)
   assert np.isnan(consistency.found_fraction(pred, truth, 3)[0])  # No kidney labelled.
   results = {"real": {"counts": {"real": 10}, "dice": {0: [0.8, 0.2], 1: [0.6, np.nan]}},
