@@ -155,9 +155,13 @@ def test_evaluate_writes_table(run):
   table = json.loads((out / "table1.json").read_text())
   assert [r["organ"] for r in table["rows"]] == [row["organ"]]
   methods = table["rows"][0]["methods"]
-  for method in ("pix2pix", "diffusion", "neighbour"):
+  for method in ("pix2pix", "diffusion"):
     whole = methods[method]["fid_whole"]
     assert np.isfinite(whole["fid"]) and whole["n1"] == whole["n2"] == 6
+  # The neighbour column is on disjoint (slice, neighbour) pairs: fewer than the 6 slices.
+  pairs = table["rows"][0]["num_neighbour_pairs"]
+  whole = methods["neighbour"]["fid_whole"]
+  assert 1 <= pairs < 6 and np.isfinite(whole["fid"]) and whole["n1"] == whole["n2"] == pairs
   md = (out / "table1.md").read_text()
   assert "Diffusion" in md and "Pix2Pix" in md
   for method in ("pix2pix", "diffusion"):

@@ -224,12 +224,14 @@ def test_flattened_adam_matches_adam():
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(4, 4, 2, 3)).astype(np.float32),
             "b": rng.normal(size=(3,)).astype(np.float32)}
-  tx, _ = pix2pix_task.make_optimizer(default.pix2pix_config(), 10)
+  tx, lr = pix2pix_task.make_optimizer(default.pix2pix_config(), 10)
   ref = optax.adam(2e-4, b1=0.5, b2=0.999)
   p_tx, p_ref, s_tx, s_ref = params, params, tx.init(params), ref.init(params)
   for i in range(3):
     grads = jax.tree.map(lambda x: np.sin(x * (i + 1)).astype(np.float32), p_tx)
     u_tx, s_tx = tx.update(grads, s_tx, p_tx)
+    # tx gives the update for LR 1; the step's LR is applied by the caller (traced, not baked).
+    u_tx = jax.tree.map(lambda u: np.float32(lr(i)) * u, u_tx)
     u_ref, s_ref = ref.update(grads, s_ref, p_ref)
     p_tx, p_ref = optax.apply_updates(p_tx, u_tx), optax.apply_updates(p_ref, u_ref)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), p_tx, p_ref)
