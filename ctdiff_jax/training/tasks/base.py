@@ -87,3 +87,17 @@ class Task(abc.ABC):
   def sampler_info(self, num_steps: int | None = None,
                    sampler: str | None = None) -> dict[str, Any]:
     """The `sampler` and `steps` a generation run records (None for families without one)."""
+
+
+class OneShotTask(Task):
+  """A family whose `generate` is one forward pass: no sampler options, nothing to record."""
+
+  def generate_options(self, num_steps: int | None = None,
+                       sampler: str | None = None) -> dict[str, Any]:
+    del num_steps, sampler
+    return {}
+
+  def sampler_info(self, num_steps: int | None = None,
+                   sampler: str | None = None) -> dict[str, Any]:
+    del num_steps, sampler
+    return {"sampler": None, "steps": None}

@@ -114,7 +114,7 @@ Pix2PixMetrics = clu_metrics.Collection.create(
     learning_rate=clu_metrics.LastValue.from_output("learning_rate"))
 
 
-class Pix2PixTask(base.Task):
+class Pix2PixTask(base.OneShotTask):
   """Pix2Pix inpainting: G(cond) -> slice, PatchGAN D on (cond, slice), GAN + lambda * L1."""
 
   nets = (GEN, DISC)
@@ -221,16 +221,6 @@ class Pix2PixTask(base.Task):
     return ts.TrainState(step=state.step + 1, nets=new_nets), metrics
 
   # --- generation --------------------------------------------------------------------------
-  def generate_options(self, num_steps: int | None = None,
-                       sampler: str | None = None) -> dict[str, Any]:
-    """{}: one generator forward, no sampler; the diffusion overrides do not apply."""
-    del num_steps, sampler
-    return {}
-
-  def sampler_info(self, num_steps: int | None = None,
-                   sampler: str | None = None) -> dict[str, Any]:
-    del num_steps, sampler
-    return {"sampler": None, "steps": None}
 
   def generate(self, variables, batch: dict[str, jax.Array],
                key_data: jax.Array) -> jax.Array:

@@ -58,7 +58,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, 
   return ce + 1.0 - dice, {"ce": ce, "soft_dice": dice}
 
 
-class SegmentationTask(base.Task):
+class SegmentationTask(base.OneShotTask):
   """Per-pixel classification of CT slices; `generate` is the predicted label map."""
 
   nets = (NET,)
@@ -109,15 +109,6 @@ class SegmentationTask(base.Task):
     return ts.TrainState(step=state.step + 1, nets={NET: new_net}), metrics
 
   # --- "generation": the predicted label map -----------------------------------------------
-  def generate_options(self, num_steps: int | None = None,
-                       sampler: str | None = None) -> dict[str, Any]:
-    del num_steps, sampler
-    return {}
-
-  def sampler_info(self, num_steps: int | None = None,
-                   sampler: str | None = None) -> dict[str, Any]:
-    del num_steps, sampler
-    return {"sampler": None, "steps": None}
 
   def generate(self, variables, batch: dict[str, jax.Array], key_data: jax.Array) -> jax.Array:
     """Per-device: the argmax label map as [B, H, W, 1] in [-1, 1] (sample grids)."""
