@@ -70,12 +70,7 @@ def config_flags(data_dir) -> list[str]:
 def make_config(data_dir):
   config = kidneys.get_config("smoke")
   config.data_dir = str(data_dir)
-  for k, v in OVERRIDES.items():
-    *path, last = k.split(".")
-    node = config
-    for p in path:
-      node = node[p]
-    node[last] = v
+  config.update_from_flattened_dict(OVERRIDES)
   return config
 
 

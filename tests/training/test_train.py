@@ -41,12 +41,7 @@ def smoke_config(data_dir, **overrides):
   config.checkpoint_every_steps = 2
   config.sample_every_steps = 0
   config.async_checkpointing = False
-  for k, v in overrides.items():
-    node = config
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  config.update_from_flattened_dict(dict(overrides))
   return config
 
 
