@@ -139,10 +139,10 @@ def _generate(out: str, configs: dict, runs: dict[str, str], *, num_samples: int
     spec = runner.GenerateSpec(scenario=scenario, num_samples=num_samples, seed=seed,
                                tfds=True, overwrite=True)
     inpainter = runner.load_inpainter(configs[name], runs[name])
-    summary = runner.generate(configs[name], inpainter, spec, dest)
+    parts = []  # the exported chunks, kept in memory for the report's scenario metrics
+    summary = runner.generate(configs[name], inpainter, spec, dest, on_part=parts.append)
     print(runner.format_summary(summary), flush=True)
-    # Same spec and model, so the same slices as the export (a few seconds at smoke size).
-    samples[scenario] = runner.generate_samples(configs[name], inpainter, spec, progress=False)
+    samples[scenario] = runner.Samples.concat(parts)
     synthetic[scenario] = dest
     _done(t0)
   return synthetic, samples

@@ -265,10 +265,12 @@ def display_window(config) -> tuple[float, float]:
 
 
 def generate(config, checkpoint, spec: GenerateSpec, output_dir: str, *,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, on_part=None) -> dict[str, Any]:
   """Generates `spec.num_samples` slices into `output_dir` (see export/); returns a summary.
 
   Checks the scenario, dataset and mask before loading the model, so bad input fails fast.
+  `on_part(samples)`, if given, also sees every generated chunk (e.g. to score it in memory
+  without generating it a second time).
   """
   t0 = time.time()
   output_dir = os.path.abspath(os.path.expanduser(output_dir))
@@ -286,6 +288,8 @@ def generate(config, checkpoint, spec: GenerateSpec, output_dir: str, *,
   for part in iter_samples(config, inpainter, planner, spec.num_samples, progress=progress,
                            wanted=exporter.wanted):
     exporter.add(part)
+    if on_part is not None:
+      on_part(part)
   gen_seconds = time.time() - t_gen
   written = exporter.finish()
   run["skipped"] = dict(planner.skipped)
