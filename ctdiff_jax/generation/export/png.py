@@ -17,6 +17,13 @@ FIGURE_TILE_PX = 128  # figure tiles are upscaled (nearest) to at least this siz
 FIGURE_COLUMNS = ("ground truth", "masked input", "generated")
 FIGURE_HEADER_PX = 16  # the column titles above the grid
 FIGURE_PAD_PX = 2
+# Small masks (new tumours: a few pixels at 64 px) are invisible at full-slice scale: when every
+# mask's bounding box fits in a quarter of the slice, two zoomed columns around the mask follow,
+# contrast-stretched to the crop (the full-slice window spends most of its grey on bone and gas).
+ZOOM_COLUMNS = ("ground truth, zoom", "generated, zoom")
+ZOOM_MAX_EXTENT = 0.25  # of the slice side
+ZOOM_MIN_CROP_PX = 16
+ZOOM_PERCENTILES = (1.0, 99.0)
 
 
 def display_unit(hu: np.ndarray, window) -> np.ndarray:
@@ -35,9 +42,44 @@ def _label_strip(width: int, columns: Sequence[str], col_w: int, pad: int,
   return np.asarray(strip, np.float32) / 255.0
 
 
+def zoom_boxes(mask: np.ndarray) -> list[tuple[slice, slice]] | None:
+  """Square crops centred on each row's mask, or None when some mask is too large to zoom on."""
+  m = np.asarray(mask).reshape(np.shape(mask)[:3]) > 0.5
+  h, w = m.shape[1:]
+  extents, centres = [], []
+  for row in m:
+    ys, xs = np.nonzero(row)
+    if ys.size == 0:
+      return None
+    extents.append(max(np.ptp(ys), np.ptp(xs)) + 1)
+    centres.append(((ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2))
+  if max(extents) > ZOOM_MAX_EXTENT * min(h, w):
+    return None
+  crop = int(min(max(3 * max(extents), ZOOM_MIN_CROP_PX), h, w))
+  start = lambda c, n: int(np.clip(c - crop // 2, 0, n - crop))
+  return [(slice(start(cy, h), start(cy, h) + crop), slice(start(cx, w), start(cx, w) + crop))
+          for cy, cx in centres]
+
+
+def _zoomed(real_hu: np.ndarray, generated_hu: np.ndarray, boxes, size: int):
+  """The crops of both columns in [-1, 1], one contrast window per row, resized to `size`."""
+  cols = ([], [])
+  for i, box in enumerate(boxes):
+    crops = [np.asarray(x[i], np.float32).reshape(x.shape[1:3])[box]
+             for x in (real_hu, generated_hu)]
+    lo, hi = np.percentile(np.concatenate([c.ravel() for c in crops]), ZOOM_PERCENTILES)
+    window = (float(lo), float(max(hi, lo + 1.0)))
+    k = -(-size // crops[0].shape[0])
+    for col, c in zip(cols, crops):
+      big = np.repeat(np.repeat(display_unit(c, window), k, axis=0), k, axis=1)
+      col.append(big[:size, :size, None])
+  return [np.stack(c) for c in cols]
+
+
 def figure4(path: str, real_hu: np.ndarray, mask: np.ndarray, generated_hu: np.ndarray,
             window, title_columns: Sequence[str] = FIGURE_COLUMNS) -> str:
-  """Poster Figure 4: rows of ground truth | masked input | generated ([N, H, W, 1] HU)."""
+  """Poster Figure 4: rows of ground truth | masked input | generated ([N, H, W, 1] HU), plus
+  zoomed ground truth | generated around the mask when every mask is small (zoom_boxes)."""
   real = display_unit(real_hu, window)
   gen = display_unit(generated_hu, window)
   m = np.asarray(mask, np.float32).reshape(real.shape)
@@ -45,9 +87,13 @@ def figure4(path: str, real_hu: np.ndarray, mask: np.ndarray, generated_hu: np.n
   h = real.shape[1]
   scale = max(1, -(-FIGURE_TILE_PX // h))
   up = lambda x: np.repeat(np.repeat(x, scale, axis=1), scale, axis=2)
-  grid = figures.comparison_grid([up(real), up(masked), up(gen)], masks=up(m),
-                                 pad=FIGURE_PAD_PX)
-  header = _label_strip(grid.shape[1], title_columns, h * scale, FIGURE_PAD_PX)
+  columns, titles = [up(real), up(masked), up(gen)], list(title_columns)
+  boxes = zoom_boxes(m)
+  if boxes is not None:
+    columns += _zoomed(real_hu, generated_hu, boxes, h * scale)
+    titles += ZOOM_COLUMNS
+  grid = figures.comparison_grid(columns, masks=up(m), pad=FIGURE_PAD_PX)
+  header = _label_strip(grid.shape[1], titles, h * scale, FIGURE_PAD_PX)
   writers.save_png(path, np.concatenate([header, grid], axis=0))
   return path
 
