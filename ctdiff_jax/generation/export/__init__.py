@@ -25,6 +25,9 @@ memmaps, deleted at the end), so endless exports do not have to fit in memory.
 A killed export loses nothing (resume.py): per-slice files are written before their manifest
 row, TFDS and volumes go to temporary folders renamed at the end, and running the same
 request again into the same output_dir resumes, skipping the slices already written.
+
+Several processes (hosts) write one export as parts, `parts/part-<p>-of-<P>/`, joined by
+`merge` into the layout above (parts.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any, Mapping, Sequence
 from ctdiff_jax.generation.export import base
 from ctdiff_jax.generation.export import manifest
 from ctdiff_jax.generation.export import nifti
+from ctdiff_jax.generation.export import parts
 from ctdiff_jax.generation.export import png
 from ctdiff_jax.generation.export import resume
 from ctdiff_jax.generation.export import tfds
@@ -52,6 +56,7 @@ TFDS_VERSION, write_tfds = tfds.TFDS_VERSION, tfds.write_tfds
 RUN_FILE, request_of, check_output_dir = (
     resume.RUN_FILE, resume.request_of, resume.check_output_dir)
 PAD_HU = volumes.PAD_HU
+Shard, merge, MergeError = parts.Shard, parts.merge, parts.MergeError
 
 # Per-slice file formats (--formats), in the order their files are written.
 SLICE_EXPORTERS: dict[str, type[base.Exporter]] = {
@@ -77,12 +82,14 @@ class Exporter:
     request: what decides the slices (resume.request_of); with it the export keeps run.json
       and resumes an interrupted export of the same request (resume.py); None: no run.json.
     overwrite: start afresh even over an export (else check_output_dir may refuse).
+    part: output_dir is one process's part of a multi-process export (parts.py).
   """
 
   def __init__(self, output_dir: str, meta: Mapping[str, Any], num_samples: int, *,
                formats: Sequence[str] = FORMATS, tfds: bool = False, volumes: bool = False,
                display_window=(-160.0, 240.0), provenance: Mapping[str, Any] | None = None,
-               request: Mapping[str, Any] | None = None, overwrite: bool = False):
+               request: Mapping[str, Any] | None = None, overwrite: bool = False,
+               part: bool = False):
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
       raise ValueError(f"unknown export format(s) {unknown}; expected some of {FORMATS}")
@@ -94,11 +101,16 @@ class Exporter:
                               tuple(float(v) for v in display_window), dict(provenance or {}),
                               frozenset(done))
     self.request = request
+    figure = parts.FigureRowsExporter if part else png.FigureExporter
     self.parts: list[base.Exporter] = [
         *(cls(self.target) for cls in per_slice),
-        manifest.ManifestExporter(self.target, files, done), png.FigureExporter(self.target)]
+        manifest.ManifestExporter(self.target, files, done), figure(self.target)]
     wanted = {"volumes": volumes, "tfds": tfds}
-    self.parts += [cls(self.target) for name, cls in OPTIONAL_EXPORTERS.items() if wanted[name]]
+    if part:  # TFDS and volumes are written by parts.merge, from the part's record chunks
+      self.parts.append(parts.RecordExporter(self.target, records=tfds or volumes))
+    else:
+      self.parts += [cls(self.target) for name, cls in OPTIONAL_EXPORTERS.items()
+                     if wanted[name]]
 
   @staticmethod
   def _start(output_dir, request, overwrite, provenance, files) -> dict[int, dict[str, str]]:

@@ -36,11 +36,7 @@ class ManifestExporter(base.Exporter):
 
   @staticmethod
   def _write(path: str, rows: Mapping[int, Mapping[str, Any]]) -> None:
-    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-      writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-      writer.writeheader()
-      writer.writerows(rows[i] for i in sorted(rows))
-    os.replace(path + ".tmp", path)
+    write_rows(path, rows)
 
   def _row(self, samples, j: int) -> dict[str, Any]:
     run = {k: self.target.provenance.get(k, "") for k in RUN_COLUMNS}
@@ -74,3 +70,12 @@ class ManifestExporter(base.Exporter):
   def close(self) -> None:
     if not self.file.closed:
       self.file.close()
+
+
+def write_rows(path: str, rows: Mapping[int, Mapping[str, Any]]) -> None:
+  """Replaces the manifest at `path` with `rows` (index -> row), in index order, atomically."""
+  with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows[i] for i in sorted(rows))
+  os.replace(path + ".tmp", path)
