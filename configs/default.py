@@ -22,6 +22,13 @@ from ml_collections import config_dict
 # so context/shape masks over spine, ribs and bowel gas are not clipped at +-1.
 ABDOMEN_INTENSITY_HU = (-1024.0, -250.0, 350.0, 3071.0)
 ABDOMEN_INTENSITY_UNIT = (-1.0, -0.8, 0.8, 1.0)
+# MR (ctdiff_jax/ingest/modality.py): the knots act on the per-case normalised value, 0 / 1 =
+# the case's body percentiles p0.5 / p99.5, so each scan's robust range fills [-1, 1].
+MR_INTENSITY = (0.0, 1.0)
+MR_INTENSITY_UNIT = (-1.0, 1.0)
+# PET: knots on log(1 + SUV); SUV 0..25 fills [-1, 1] (hotter voxels are clipped).
+PET_INTENSITY = (0.0, 3.2580965)
+PET_INTENSITY_UNIT = (-1.0, 1.0)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -34,12 +41,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.manual_dir = ""  # Raw cases; if set and the dataset is missing, it is built first.
   config.dataset = "kidneys"  # Builder config: kidneys, liver, lungs, kidney_tumor, abdomen, ...
   config.organs = ""  # Custom comma-separated organ list (overrides `dataset`'s organs).
+  # "ct", "mr" or "pet": the dataset's modality (checked against its metadata) and how its
+  # values reach the intensity knots; mr/pet read ct_slices/<dataset>..._mr / _pet.
+  config.modality = "ct"
   config.image_size = 256  # Slice size in pixels (the dataset is built at this size).
   config.spacing_mm = 1.5  # In-plane spacing the dataset is resampled to.
   config.train_split = "train"  # Split to train on.
   config.eval_split = "test"  # Split that generate/evaluate read by default.
   config.data = data_config()  # Masks, intensity map, loader workers, augmentation.
-  for field in ("dataset", "data_dir", "image_size", "spacing_mm"):  # One source of truth.
+  for field in ("dataset", "data_dir", "image_size", "spacing_mm", "modality"):  # One truth.
     setattr(config.data, field, config.get_ref(field))
 
   config.model = model_config()  # UNet width/depth/attention/dtype.
@@ -203,10 +213,11 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
 
 def for_dataset(dataset: str, variant: str = "", mask_mode: str = "organ",
                 intensity_hu: tuple[float, ...] = ABDOMEN_INTENSITY_HU,
-                intensity_unit: tuple[float, ...] = ABDOMEN_INTENSITY_UNIT
-                ) -> ml_collections.ConfigDict:
+                intensity_unit: tuple[float, ...] = ABDOMEN_INTENSITY_UNIT,
+                modality: str = "ct") -> ml_collections.ConfigDict:
   """The default config pointed at one dataset config, mask mode and HU -> unit knots."""
   config = get_config(variant)
+  config.modality = modality
   config.dataset = dataset
   config.data.mask_mode = mask_mode
   config.data.intensity_hu = intensity_hu

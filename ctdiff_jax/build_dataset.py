@@ -3,7 +3,7 @@
   python -m ctdiff_jax.build_dataset --config=kidneys --manual_dir=RAW --data_dir=OUT \
       [--image_size=256 --spacing_mm=1.5 --organs=liver,spleen --layout=auto \
        --min_organ_area=0 --empty_slice_fraction=0 --split_ratios=0.8,0.1,0.1 \
-       --skip_bad_cases --overwrite]
+       --modality=ct --skip_bad_cases --overwrite]
 
 Dataset naming: ctdiff_jax/ingest/naming.py; the build: ctdiff_jax/ingest/build.py.
 Bad input ends with `ctdiff_jax.build_dataset: error: <case, file, problem>` and exit status 1
@@ -40,6 +40,9 @@ def _define_flags():
   flags.DEFINE_integer("min_organ_area", None, "Keep slices with more organ voxels (0).")
   flags.DEFINE_float("empty_slice_fraction", None, "Fraction of organ-free slices to keep.")
   flags.DEFINE_list("split_ratios", None, "train,validation,test ratios (0.8,0.1,0.1).")
+  flags.DEFINE_enum("modality", None, ["ct", "mr", "pet"],
+                    "Image modality (default ct; mr/pet add '_mr'/'_pet' to the dataset name "
+                    "and store per-case intensity references, ctdiff_jax/ingest/modality.py).")
   flags.DEFINE_bool("skip_bad_cases", False, "Skip (and count) unreadable cases.")
   flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset exists.")
   return flags.FLAGS
@@ -53,7 +56,7 @@ def main(argv: Sequence[str]) -> None:
   logging.getLogger().setLevel(logging.INFO)  # our per-case notes; TFDS's are quieted by cli
   options: dict[str, Any] = {"layout": fl.layout, "skip_bad_cases": fl.skip_bad_cases}
   for key in ("image_size", "spacing_mm", "min_organ_area", "empty_slice_fraction",
-              "split_ratios"):
+              "split_ratios", "modality"):
     if fl[key].value is not None:
       options[key] = fl[key].value
   if fl.lesion is not None:

@@ -3,6 +3,10 @@
 The dataset a config reads is `ct_slices/<name>` where `<name>` encodes the dataset config and
 every non-default build option (e.g. `kidneys_64px_6mm`), so datasets built at different sizes
 never collide in one data dir. When it is missing and `config.manual_dir` is set, it is built.
+
+The config's modality (`config.modality`: ct, mr, pet) picks the dataset's modality suffix
+(`kidneys_64px_6mm_mr`) and is checked against the dataset's metadata whenever a split is
+opened (train, generate, evaluate): a CT config refuses MR records and vice versa.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 from absl import logging
 
+from ctdiff_jax.ingest import modality as modality_lib
 from ctdiff_jax.ingest import naming
 from ctdiff_jax.ingest import organs as organs_lib
 
@@ -21,10 +26,30 @@ def data_dir(config) -> str:
   return os.path.abspath(os.path.expanduser(config.data_dir))
 
 
+def config_modality(config) -> str:
+  """The run config's modality (configs without the field are CT)."""
+  return modality_lib.check(getattr(config, "modality", modality_lib.DEFAULT))
+
+
 def dataset_config_name(config) -> str:
-  """The ct_slices config name a run config reads (e.g. 'kidneys_64px_6mm')."""
+  """The ct_slices config name a run config reads (e.g. 'kidneys_64px_6mm', '..._mr').
+
+  A dataset name with a modality suffix must agree with config.modality (ModalityError).
+  """
   what = organs_lib.parse_organ_list(config.organs) if config.organs else config.dataset
-  return naming.config_name(what, config.image_size, config.spacing_mm)
+  spec = naming.slice_spec(what, config.image_size, config.spacing_mm)
+  want = config_modality(config)
+  if spec.modality == modality_lib.DEFAULT and want != spec.modality:
+    spec = naming.slice_spec(what, config.image_size, config.spacing_mm, modality=want)
+  modality_lib.check_match(f"{naming.DATASET}/{spec.name}", spec.modality, want, "the config")
+  return spec.name
+
+
+def check_modality(config, meta: dict[str, Any]) -> dict[str, Any]:
+  """`meta` if the built dataset's modality is the config's, else a ModalityError."""
+  modality_lib.check_match(meta.get("dataset") or meta.get("config"),
+                           modality_lib.of_metadata(meta), config_modality(config), "the config")
+  return meta
 
 
 def ensure_built(config) -> str:
@@ -46,19 +71,21 @@ def ensure_built(config) -> str:
   from ctdiff_jax.ingest import build as ingest_build  # pylint: disable=g-import-not-at-top
   logging.info("building ct_slices/%s from %s", name, config.manual_dir)
   summary = ingest_build.build(what, os.path.expanduser(config.manual_dir), data_dir(config),
-                                image_size=config.image_size, spacing_mm=config.spacing_mm)
+                                image_size=config.image_size, spacing_mm=config.spacing_mm,
+                                modality=config_modality(config))
   logging.info("%s", ingest_build.format_summary(summary))
   return name
 
 
 def metadata(config) -> dict[str, Any]:
-  return naming.read_dataset_metadata(data_dir(config), ensure_built(config))
+  return check_modality(config, naming.read_dataset_metadata(data_dir(config),
+                                                            ensure_built(config)))
 
 
 def open_split(config, split: str) -> tuple[Any, dict[str, Any]]:
   """(random-access source of records, dataset metadata) for `split`; clear error if empty."""
   name = ensure_built(config)
-  meta = naming.read_dataset_metadata(data_dir(config), name)
+  meta = check_modality(config, naming.read_dataset_metadata(data_dir(config), name))
   n = meta.get("splits", {}).get(split, 0)
   if n == 0:
     raise ValueError(

@@ -9,6 +9,11 @@ config.data.intensity_hu / intensity_unit) is monotone piecewise-linear: most of
 the organ's soft tissue, but it reaches the whole CT range, so generated HU are not capped by a
 soft-tissue window (bone and gas inside a context/shape mask are representable).
 
+Other modalities (config.data.modality, ctdiff_jax/ingest/modality.py): `to_unit` /
+`unit_to_stored` first take an MR / PET record's stored int16 to its normalised value (MR: the
+case's body percentiles p0.5 / p99.5 -> 0 / 1; PET: log(1 + SUV)), and the same knots then map
+that normalised value instead of HU. CT records go through `hu_to_unit` unchanged.
+
 Per record (see ctdiff_jax/ingest/records.py), `MakeExample` produces:
 
   image        float32 (H, W, 1) in [-1, 1]   CT slice through the intensity map
@@ -35,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import grain.python as grain
 import numpy as np
 
+from ctdiff_jax.ingest import modality as modality_lib
 from ctdiff_jax.ingest import records
 from ctdiff_jax.data import masks
 
@@ -139,9 +145,11 @@ class ExampleConfig:
   flip_lr_prob: float = 0.0
   translate_px: int = 0
   intensity_jitter: float = 0.0
+  modality: str = modality_lib.DEFAULT
 
   def __post_init__(self):
     IntensityMap(self.intensity_hu, self.intensity_unit)  # Raises on bad knots.
+    object.__setattr__(self, "modality", modality_lib.check(self.modality))
     if self.mask_mode not in masks.MODES:
       raise ValueError(f"unknown mask_mode {self.mask_mode!r}; expected one of {masks.MODES}")
     if not 0.0 <= self.flip_lr_prob <= 1.0:
@@ -170,6 +178,44 @@ class ExampleConfig:
 
 
 NEIGHBOURS = (records.PREV_IMAGE, records.NEXT_IMAGE)
+
+
+def _text(value) -> str:
+  return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def intensity_params(record: Mapping[str, Any], modality: str
+                     ) -> tuple[float, tuple[float, float] | None]:
+  """(value_scale, intensity_ref) of a record; refuses a record of another modality.
+
+  CT records carry neither (HU, scale 1); MR / PET records carry both (ingest/modality.py).
+  """
+  has = records.VALUE_SCALE in record
+  if has != (modality != modality_lib.CT):
+    said = "MR/PET (it has value_scale)" if has else "CT (no value_scale)"
+    raise modality_lib.ModalityError(
+        f"slice record of case {_text(record.get(records.CASE_ID))!r} is {said} but the config's "
+        f"modality is {modality!r}: train and generate with a config of the data's modality")
+  if not has:
+    return 1.0, None
+  ref = np.asarray(record[records.INTENSITY_REF], np.float64).reshape(2)
+  return float(np.asarray(record[records.VALUE_SCALE])), (float(ref[0]), float(ref[1]))
+
+
+def to_unit(stored: np.ndarray, record: Mapping[str, Any], cfg: "ExampleConfig") -> np.ndarray:
+  """A record's stored int16 image -> float32 model units (CT: hu_to_unit of the HU)."""
+  scale, ref = intensity_params(record, cfg.modality)
+  if cfg.modality == modality_lib.CT:
+    return hu_to_unit(stored, cfg.intensity)
+  n = modality_lib.normalise(np.asarray(stored, np.float64) * scale, cfg.modality, ref)
+  return hu_to_unit(n, cfg.intensity)
+
+
+def unit_to_stored(x: np.ndarray, scale: float, ref, cfg: "ExampleConfig") -> np.ndarray:
+  """Model units -> the records' int16 (CT: rint HU; MR / PET: rint(source / scale))."""
+  n = unit_to_hu(np.asarray(x, np.float64), cfg.intensity)
+  values = modality_lib.denormalise(n, cfg.modality, ref)
+  return modality_lib.to_stored(values, scale)
 
 
 def cond_channels(cfg: Any) -> int:
@@ -252,11 +298,11 @@ def make_example(
     labels = labels[:, ::-1]
   if cfg.translate_px > 0:
     dy, dx = (int(v) for v in rng.integers(-cfg.translate_px, cfg.translate_px + 1, size=2))
-    hu = {k: _translate(v, dy, dx, AIR_HU) for k, v in hu.items()}
+    air = modality_lib.AIR[cfg.modality]  # shifted-in pixels: air (stored units)
+    hu = {k: _translate(v, dy, dx, air) for k, v in hu.items()}
     labels = _translate(labels, dy, dx, 0)
 
-  imap = cfg.intensity
-  unit = {k: hu_to_unit(v, imap) for k, v in hu.items()}
+  unit = {k: to_unit(v, record, cfg) for k, v in hu.items()}
   if cfg.intensity_jitter > 0:
     j = cfg.intensity_jitter
     scale, shift = 1.0 + rng.uniform(-j, j), rng.uniform(-j, j)
@@ -306,7 +352,7 @@ def example_with_mask(record: Mapping[str, Any], cfg: ExampleConfig,
   hu = {records.IMAGE: _field(record, records.IMAGE)}
   if cfg.neighbours:
     hu.update({k: _field(record, k) for k in NEIGHBOURS})
-  unit = {k: hu_to_unit(v, cfg.intensity) for k, v in hu.items()}
+  unit = {k: to_unit(v, record, cfg) for k, v in hu.items()}
   mask = np.asarray(mask, np.float32).reshape(unit[records.IMAGE].shape)
   labels = _field(record, records.LABELS).astype(np.uint8)
   return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours,

@@ -56,6 +56,7 @@ import tqdm
 
 from ctdiff_jax.ingest import naming
 from ctdiff_jax.ingest import layouts
+from ctdiff_jax.ingest import modality as modality_lib
 from ctdiff_jax.ingest import organs as organs_lib
 from ctdiff_jax.ingest import records
 from ctdiff_jax.ingest import volumes
@@ -65,6 +66,8 @@ SPLITS = naming.SPLITS
 _LOG = logging.getLogger(__name__)
 # TFDS writes a build into <config>/incomplete.<random>_<version>/ and renames it when done.
 _INCOMPLETE = "incomplete."
+# In a config's description ("Axial MR slices with ..."); CT keeps its old wording.
+_MODALITY_WORD = {"ct": "", "mr": "MR ", "pet": "PET "}
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,6 +83,7 @@ class CtSlicesConfig(tfds.core.BuilderConfig):
   empty_slice_fraction: float = 0.0
   split_ratios: tuple[float, float, float] = naming.DEFAULT_SPLIT_RATIOS
   skip_bad_cases: bool = False
+  modality: str = modality_lib.DEFAULT  # ct, mr or pet (ctdiff_jax/ingest/modality.py)
 
   @property
   def spec(self) -> naming.SliceSpec:
@@ -87,7 +91,7 @@ class CtSlicesConfig(tfds.core.BuilderConfig):
         organs=tuple(self.organs), lesion=self.lesion, image_size=self.image_size,
         spacing_mm=self.spacing_mm, min_organ_area=self.min_organ_area,
         empty_slice_fraction=self.empty_slice_fraction,
-        split_ratios=tuple(self.split_ratios))
+        split_ratios=tuple(self.split_ratios), modality=self.modality)
 
 
 def make_config(name_or_organs: str | Sequence[str], image_size: int | None = None,
@@ -96,7 +100,7 @@ def make_config(name_or_organs: str | Sequence[str], image_size: int | None = No
   """A config from a named config ('kidneys'), a suffixed name or an organ list.
 
   Options: image_size (256), spacing_mm (1.5), lesion, min_organ_area (0),
-  empty_slice_fraction (0), split_ratios ((0.8, 0.1, 0.1)), layout ('auto'),
+  empty_slice_fraction (0), split_ratios ((0.8, 0.1, 0.1)), modality ('ct'), layout ('auto'),
   skip_bad_cases (False). The name encodes the content options (naming.SliceSpec).
   """
   spec = naming.slice_spec(name_or_organs, image_size, spacing_mm, **options)
@@ -105,12 +109,13 @@ def make_config(name_or_organs: str | Sequence[str], image_size: int | None = No
   lesion = f", lesion {spec.lesion} (label {spec.lesion_label_id})" if spec.lesion else ""
   return CtSlicesConfig(
       name=spec.name,
-      description=(f"Axial slices with {', '.join(spec.organs)} (labels 1..{len(spec.organs)}"
+      description=(f"Axial {_MODALITY_WORD[spec.modality]}slices with {', '.join(spec.organs)} "
+                   f"(labels 1..{len(spec.organs)}"
                    f"{lesion}), {spec.image_size}px at {spec.spacing_mm:g} mm in-plane."),
       organs=spec.organs, lesion=spec.lesion, layout=layout, image_size=spec.image_size,
       spacing_mm=spec.spacing_mm, min_organ_area=spec.min_organ_area,
       empty_slice_fraction=spec.empty_slice_fraction, split_ratios=spec.split_ratios,
-      skip_bad_cases=bool(skip_bad_cases))
+      skip_bad_cases=bool(skip_bad_cases), modality=spec.modality)
 
 
 def assign_splits(case_ids: Sequence[str],
@@ -157,7 +162,10 @@ def static_metadata(cfg: CtSlicesConfig) -> dict[str, Any]:
       "empty_slice_fraction": spec.empty_slice_fraction,
       "split_ratios": list(spec.split_ratios),
       "orientation": volumes.ORIENTATION,
-      "pad_hu": volumes.PAD_HU,
+      # MR / PET: stored values (value_scale), normalised per case (ingest/modality.py).
+      "modality": spec.modality,
+      "intensity_unit": modality_lib.UNITS[spec.modality],
+      "pad_hu": volumes.PAD_HU if spec.modality == "ct" else modality_lib.AIR[spec.modality],
   }
 
 
@@ -236,7 +244,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=("Axial CT slices (HU, int16) with organ label maps, resampled in-plane; "
                      "see ctdiff_jax/ingest/records.py for the record schema."),
-        features=records.tfds_features(cfg.image_size),
+        features=records.tfds_features(cfg.image_size, cfg.modality),
         metadata=tfds.core.MetadataDict(static_metadata(cfg)),
         homepage="https://github.com/ctdiff-jax/ctdiff-jax",
     )
@@ -244,6 +252,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     cfg = self.builder_config
     raw = layouts.read_layout(dl_manager.manual_dir, cfg.layout)
+    layouts.check_modality(raw, cfg.modality)  # an mri.nii.gz is not read as CT
     try:  # Config-level: an organ no case has is always an error.
       organs_lib.resolve_label_ids(cfg.organs, raw.vocabulary())
     except organs_lib.UnknownOrganError as e:
@@ -307,7 +316,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         raise volumes.VolumeError(
             f"case {case.case_id!r}: {', '.join(str(f) for f in case.files())}: files changed "
             "during the build (other slices than at the scan): rerun it with the files left alone")
-      for record in volumes.slice_records(loaded, kept, cfg.image_size, cfg.spacing_mm):
+      for record in volumes.slice_records(loaded, kept, cfg.image_size, cfg.spacing_mm,
+                                          cfg.modality):
         self.build_summary["slices"][split] += 1
         yield f"{case.case_id}/{int(record[records.SLICE_INDEX]):05d}", record
 

@@ -1,8 +1,10 @@
 """Raw CT dataset layouts: detect which one a directory holds and enumerate its cases.
 
 Layouts (names accepted by `read_layout(root, layout=...)`):
-  flat              <case>_ct.nii[.gz] + <case>_seg.nii[.gz] + labels.json (id -> name)
-  totalsegmentator  <case>/ct.nii[.gz] + <case>/segmentations/<name>.nii[.gz] binary masks
+  flat              <case>_ct.nii[.gz] + <case>_seg.nii[.gz] + labels.json (id -> name);
+                    MR / PET images as <case>_mr / _mri / _pet.nii[.gz]
+  totalsegmentator  <case>/ct.nii[.gz] + <case>/segmentations/<name>.nii[.gz] binary masks;
+                    the TotalSegmentator MRI release has <case>/mri.nii[.gz] instead of ct
   kits              case_xxxxx/imaging.nii[.gz] + segmentation.nii[.gz]
                     (1 kidney, 2 kidney_tumor, 3 kidney_cyst); cases without a segmentation
                     (the official unlabelled test cases) are listed in `unlabelled`, not read
@@ -19,7 +21,8 @@ another layout's files is taken as an index of them (the other layout wins).
 Label names are mapped to the names ctdiff_jax.ingest.organs knows (e.g. MSD Task03_Liver "cancer"
 -> liver_tumor). Missing files are NOT errors here: the case is listed with the expected path
 and ctdiff_jax.ingest.volumes reports it when the case is read (so it can be skipped and counted).
-Duplicate case ids are always an error.
+Duplicate case ids are always an error. An image file whose name says its modality (`ct`,
+`mr`, `mri`, `pet`) must match the build's modality (`check_modality`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ import pathlib
 import re
 from typing import Mapping
 
+from ctdiff_jax.ingest import modality as modality_lib
 from ctdiff_jax.ingest.volumes import Case
 
 LAYOUTS = ("flat", "totalsegmentator", "kits", "msd", "lits", "csv")
 NII_SUFFIXES = (".nii.gz", ".nii")
 
+# Image file stems (TotalSegmentator) / name suffixes (flat) -> the modality they hold.
+IMAGE_STEMS = {"ct": "ct", "mri": "mr", "mr": "mr", "pet": "pet"}
 KITS_LABELS = {1: "kidney", 2: "kidney_tumor", 3: "kidney_cyst"}
 LITS_LABELS = {1: "liver", 2: "liver_tumor"}
 CSV_COLUMNS = ("case_id", "image", "label")
@@ -137,13 +143,46 @@ def _check_unique(cases: list[Case], where: pathlib.Path) -> list[Case]:
 # ---- detection ----------------------------------------------------------------------------
 
 
+def image_modality(path: pathlib.Path) -> str | None:
+  """The modality an image file's name states (`ct.nii.gz`, `s01_mr.nii.gz`), else None."""
+  stem = (strip_nii(pathlib.Path(path).name) or "").lower()
+  for word, modality in IMAGE_STEMS.items():
+    if stem == word or stem.endswith("_" + word):
+      return modality
+  return None
+
+
+def check_modality(raw: "RawDataset", modality: str) -> None:
+  """Refuses cases whose image file name says another modality than the build's."""
+  for c in raw.cases:
+    said = image_modality(c.image)
+    if said is not None and said != modality:
+      raise modality_lib.ModalityError(
+          f"case {c.case_id!r}: {c.image}: the file name says {modality_lib.NAMES[said]} but "
+          f"the dataset is built as {modality_lib.NAMES[modality]}: build it with "
+          f"--modality={said} (its intensities are not {modality_lib.UNITS[modality]})")
+
+
+def _image_kinds() -> tuple[str, ...]:
+  return tuple("_" + w for w in IMAGE_STEMS)
+
+
 def _is_flat(root: pathlib.Path) -> bool:
   return (root / "labels.json").exists() and any(
-      (strip_nii(p.name) or "").endswith("_ct") for p in _nii_files(root))
+      (strip_nii(p.name) or "").endswith(_image_kinds()) for p in _nii_files(root))
+
+
+def _ts_image(d: pathlib.Path) -> pathlib.Path | None:
+  """A TotalSegmentator case's image: ct.nii.gz (CT release) or mri.nii.gz (MRI release)."""
+  for stem in IMAGE_STEMS:
+    found = _find_nii(d, stem)
+    if found:
+      return found
+  return None
 
 
 def _ts_case_dirs(root: pathlib.Path) -> list[pathlib.Path]:
-  return [d for d in sorted(root.iterdir()) if d.is_dir() and _find_nii(d, "ct")
+  return [d for d in sorted(root.iterdir()) if d.is_dir() and _ts_image(d)
           and (d / "segmentations").is_dir()]
 
 
@@ -227,16 +266,17 @@ def _flat(root: pathlib.Path) -> RawDataset:
   stems = {}
   for p in _nii_files(root):
     stem = strip_nii(p.name)
-    for kind in ("_ct", "_seg"):
+    for kind in _image_kinds() + ("_seg",):
       if stem.endswith(kind):
-        stems.setdefault((stem[: -len(kind)], kind), []).append(p)
+        stems.setdefault((stem[: -len(kind)], "_seg" if kind == "_seg" else "_img"),
+                         []).append(p)
   for (cid, kind), paths in sorted(stems.items()):
     if len(paths) > 1:
       raise LayoutError(f"duplicate case id {cid!r} in {root}: "
                         f"{' and '.join(str(p) for p in paths)}: {_ONE_ID}")
   ids = sorted({cid for cid, _ in stems})
   for cid in ids:
-    image = stems.get((cid, "_ct"), [root / f"{cid}_ct.nii.gz"])[0]
+    image = stems.get((cid, "_img"), [root / f"{cid}_ct.nii.gz"])[0]
     label = stems.get((cid, "_seg"), [root / f"{cid}_seg.nii.gz"])[0]
     cases.append(Case(cid, image, label, names))
   return RawDataset(root, "flat", _check_unique(cases, root))
@@ -249,7 +289,7 @@ def _totalsegmentator(root: pathlib.Path) -> RawDataset:
     for p in _nii_files(d / "segmentations"):
       masks[strip_nii(p.name).lower()] = p
     names = {i + 1: n for i, n in enumerate(sorted(masks))}
-    cases.append(Case(d.name, _find_nii(d, "ct"), None, names, masks=masks))
+    cases.append(Case(d.name, _ts_image(d), None, names, masks=masks))
   return RawDataset(root, "totalsegmentator", _check_unique(cases, root))
 
 

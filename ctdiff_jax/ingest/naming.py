@@ -13,6 +13,7 @@ suffixes in a fixed order (`kidneys_64px_6mm`, `liver+spleen_128px_min20`):
   _empty{F}       empty_slice_fraction != 0
   _split{a-b-c}   split ratios != 0.8/0.1/0.1, in percent
   _lesion-{name} / _nolesion   lesion group other than the inferred one
+  _mr / _pet      modality other than CT (ctdiff_jax/ingest/modality.py)
 A custom organ list is named by its organs joined with '+' (or the named config with exactly
 these organs and lesion), prefixed `custom-` where it would read as another named config.
 `layout` and `skip_bad_cases` only change how raw files are read, not the content, so they
@@ -28,6 +29,7 @@ import pathlib
 import re
 from typing import Any, Sequence
 
+from ctdiff_jax.ingest import modality as modality_lib
 from ctdiff_jax.ingest import organs as organs_lib
 
 DATASET = "ct_slices"
@@ -55,6 +57,7 @@ class SliceSpec:
   min_organ_area: int = 0
   empty_slice_fraction: float = 0.0
   split_ratios: tuple[float, float, float] = DEFAULT_SPLIT_RATIOS
+  modality: str = modality_lib.DEFAULT
 
   @property
   def base_name(self) -> str:
@@ -85,6 +88,8 @@ class SliceSpec:
     default_lesion = named[1] if named else infer_lesion(self.organs)
     if self.lesion != default_lesion:
       parts.append(f"lesion-{self.lesion}" if self.lesion else "nolesion")
+    if self.modality != modality_lib.DEFAULT:
+      parts.append(self.modality)
     return "_".join(parts)
 
   def label_names(self) -> dict[int, str]:
@@ -102,6 +107,7 @@ def infer_lesion(organs: Sequence[str]) -> str | None:
 
 
 _SUFFIXES = (  # parsed right to left, i.e. in reverse order of SliceSpec.name
+    ("modality", re.compile(r"_(?P<v>mr|pet)$")),
     ("lesion", re.compile(r"_(lesion-(?P<v>[a-z0-9_]+)|nolesion)$")),
     ("split_ratios", re.compile(r"_split(?P<v>[\d.]+-[\d.]+-[\d.]+)$")),
     ("empty_slice_fraction", re.compile(r"_empty(?P<v>[\d.]+)$")),
@@ -111,7 +117,7 @@ _SUFFIXES = (  # parsed right to left, i.e. in reverse order of SliceSpec.name
 )
 _DEFAULTS = dict(image_size=DEFAULT_IMAGE_SIZE, spacing_mm=DEFAULT_SPACING_MM,
                  min_organ_area=0, empty_slice_fraction=0.0,
-                 split_ratios=DEFAULT_SPLIT_RATIOS)
+                 split_ratios=DEFAULT_SPLIT_RATIOS, modality=modality_lib.DEFAULT)
 
 
 def _split_name(name: str) -> tuple[str, dict[str, Any]]:
@@ -148,11 +154,13 @@ def slice_spec(name_or_organs: str | Sequence[str],
                min_organ_area: int | None = None,
                empty_slice_fraction: float | None = None,
                split_ratios: Sequence[float] | str | None = None,
+               modality: str | None = None,
                **read_options) -> SliceSpec:
   """Validated SliceSpec from a config name (named or suffixed), 'a,b' text or organ list.
 
   Options left as None take their default (image_size 256, spacing_mm 1.5, min_organ_area 0,
-  empty_slice_fraction 0, split_ratios 0.8/0.1/0.1) or the value a suffixed name gives;
+  empty_slice_fraction 0, split_ratios 0.8/0.1/0.1, modality ct) or the value a suffixed
+  name gives;
   options given explicitly win over the name's suffixes. The lesion defaults to the named
   config's, else to the custom list's one *_tumor group. `read_options` may hold layout /
   skip_bad_cases (accepted and ignored here: they don't change the content).
@@ -172,7 +180,8 @@ def slice_spec(name_or_organs: str | Sequence[str],
     organs = organs_lib.parse_organ_list(name_or_organs)
     default_lesion = infer_lesion(organs)
   explicit = dict(image_size=image_size, spacing_mm=spacing_mm, min_organ_area=min_organ_area,
-                  empty_slice_fraction=empty_slice_fraction, split_ratios=split_ratios)
+                  empty_slice_fraction=empty_slice_fraction, split_ratios=split_ratios,
+                  modality=modality)
   opts.update({k: v for k, v in explicit.items() if v is not None})
   if lesion is not _INFER:
     opts["lesion"] = lesion
@@ -192,6 +201,8 @@ def _normalise(key: str, value: Any) -> Any:
       return int(float(value))
     if key in ("spacing_mm", "empty_slice_fraction"):
       return float(value)
+    if key == "modality":
+      return modality_lib.check(value)
     if isinstance(value, str):
       value = value.split(",")
     # Rounded so that '80-10-10' parsed back from a name equals (0.8, 0.1, 0.1).
@@ -277,7 +288,7 @@ def read_dataset_metadata(data_dir: str | pathlib.Path, name: str) -> dict[str, 
   """The metadata of a built ct_slices dataset, read from its JSON files.
 
   Keys: organs (names of label ids 1..K), label_names {"1": name}, lesion, lesion_label_id,
-  image_size, spacing_mm, min_organ_area, empty_slice_fraction, split_ratios, orientation,
+  modality (absent in datasets built before modalities: CT), image_size, spacing_mm, min_organ_area, empty_slice_fraction, split_ratios, orientation,
   pad_hu, build (the build summary), plus splits {split: num_examples}, version, path,
   dataset ('ct_slices/<config>').
   """

@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ctdiff_jax.ingest import modality as modality_lib
 from ctdiff_jax.ingest import organs as organs_lib
 from ctdiff_jax.ingest import records
 
@@ -314,19 +315,31 @@ def to_int16(hu: np.ndarray) -> np.ndarray:
 
 
 def slice_records(loaded: LoadedCase, kept: Sequence[int], image_size: int,
-                  spacing_mm: float) -> Iterator[dict]:
-  """Records (records.py schema) for the kept z indices, in increasing z."""
+                  spacing_mm: float, modality: str = modality_lib.CT) -> Iterator[dict]:
+  """Records (records.py schema) for the kept z indices, in increasing z.
+
+  MR / PET: values stored as int16 with the case's value_scale, padded with the modality's
+  air value, and every record carries value_scale and the case's intensity reference
+  (ctdiff_jax/ingest/modality.py), computed once per case on the source grid.
+  """
   nx, ny, nz = loaded.image.shape
   sx, sy, sz = loaded.spacing
   grid = _sample_grid((nx, ny), (sx, sy), image_size, spacing_mm)
   cache: dict[int, np.ndarray] = {}
+  extra, scale = {}, 1.0
+  if modality != modality_lib.CT:
+    scale = modality_lib.value_scale(loaded.image)
+    ref = modality_lib.reference(loaded.image, modality, loaded.organ_map)
+    extra = {records.VALUE_SCALE: np.float32(scale),
+             records.INTENSITY_REF: np.asarray(ref, np.float32)}
+  pad = PAD_HU if modality == modality_lib.CT else modality_lib.AIR[modality]
 
   def hu(z: int) -> np.ndarray:
     z = min(max(z, 0), nz - 1)  # the edge slice repeats at the volume ends
     if z not in cache:
       out = resample_slice(loaded.image[:, :, z], (sx, sy), image_size, spacing_mm, order=1,
-                           cval=PAD_HU, grid=grid)
-      cache[z] = to_int16(out)[..., None]
+                           cval=pad, grid=grid)
+      cache[z] = (to_int16(out) if scale == 1.0 else modality_lib.to_stored(out, scale))[..., None]
     return cache[z]
 
   spacing = np.array([spacing_mm, spacing_mm, sz], np.float32)
@@ -343,4 +356,5 @@ def slice_records(loaded: LoadedCase, kept: Sequence[int], image_size: int,
         records.CASE_ID: loaded.case_id,
         records.SLICE_INDEX: np.int32(z),
         records.SPACING_MM: spacing,
+        **extra,
     }

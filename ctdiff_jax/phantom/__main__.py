@@ -1,4 +1,5 @@
-"""Phantom CLI: `python -m ctdiff_jax.phantom --output_dir=DIR --num_cases=8 [--lesions]`.
+"""Phantom CLI: `python -m ctdiff_jax.phantom --output_dir=DIR --num_cases=8 [--lesions]
+[--modality=mr]`.
 
 Bad flags end with `ctdiff_jax.phantom: error: ...` and exit status 1 (ctdiff_jax/cli.py).
 """
@@ -24,7 +25,8 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError(f"--{name}: expected 3 numbers, got {values}") from None
 
   ids = cohort.write_cohort(f.output_dir, f.num_cases, seed=f.seed, lesions=f.lesions,
-                     shape=parse(f.grid, int, "grid"), spacing=parse(f.spacing, float, "spacing"))
+                     shape=parse(f.grid, int, "grid"), spacing=parse(f.spacing, float, "spacing"),
+                     modality=f.modality)
   print(f"wrote {len(ids)} phantom cases to {f.output_dir}")
 
 
@@ -34,6 +36,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("num_cases", 8, "Number of cases.", lower_bound=1)
   flags.DEFINE_integer("seed", 0, "Cohort seed; case i is determined by (seed, i).", lower_bound=0)
   flags.DEFINE_bool("lesions", False, "Add liver and kidney tumours.")
+  flags.DEFINE_enum("modality", "ct", list(cohort.MODALITIES),
+                    "ct: HU; mr: T1-like MR of the same anatomy (<case>_mr.nii.gz, no HU).")
   flags.DEFINE_list("grid", [str(v) for v in cohort.DEFAULT_SHAPE], "Grid size x,y,z in voxels.")
   flags.DEFINE_list("spacing", [str(v) for v in cohort.DEFAULT_SPACING], "Voxel size x,y,z in mm.")
   flags.mark_flag_as_required("output_dir")

@@ -68,3 +68,20 @@ TISSUE_HU = {
 # Tissues that get a faint smooth texture (parenchyma is never perfectly flat on CT).
 TEXTURED = ("liver", "spleen", "kidney_cortex", "kidney_medulla", "muscle", "heart", "bowel",
             "stomach_wall", "liver_lesion", "kidney_lesion")
+
+# MR mode (`--modality=mr`): relative T1-weighted signal per tissue (fat = 1; no HU) and the
+# +- range a case draws its own value from. Fat and fatty marrow bright, fluid, bile, flowing
+# blood, cortical bone, lung and air dark, liver > kidney cortex > spleen / muscle between,
+# tumours hypointense to their host.
+TISSUE_T1 = {
+    "air": (0.0, 0.0), "subcutaneous_fat": (1.0, 0.03), "visceral_fat": (0.95, 0.03),
+    "muscle": (0.30, 0.03), "cortical_bone": (0.03, 0.01), "cancellous_bone": (0.65, 0.05),
+    "disc": (0.25, 0.03), "spinal_cord": (0.40, 0.03), "lung": (0.03, 0.01),
+    "lung_vessel": (0.05, 0.01), "liver": (0.55, 0.03), "spleen": (0.38, 0.03),
+    "kidney_cortex": (0.45, 0.03), "kidney_medulla": (0.32, 0.03),
+    "renal_sinus_fat": (0.90, 0.03), "aorta": (0.06, 0.02), "ivc": (0.10, 0.03),
+    "heart": (0.30, 0.03), "stomach_wall": (0.33, 0.03), "fluid": (0.08, 0.02),
+    "gas": (0.0, 0.0), "bowel": (0.35, 0.03), "gallbladder": (0.10, 0.02),
+    "liver_lesion": (0.25, 0.03), "kidney_lesion": (0.22, 0.03), "rib": (0.55, 0.05),
+    "table": (0.0, 0.0),
+}
