@@ -31,19 +31,23 @@ def outline(rgb: np.ndarray, mask: np.ndarray, color=(1.0, 0.15, 0.15)) -> np.nd
 
 
 def comparison_grid(columns: Sequence[np.ndarray], masks: np.ndarray | None = None,
-                    outline_columns: Sequence[int] = (1,), pad: int = 2) -> np.ndarray:
+                    outline_columns: Sequence[int] = (1,), pad: int = 2,
+                    outlines: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
   """Rows = examples, columns = image sets (each [N, H, W, 1] in [-1, 1]) -> (H', W', 3) in [0,1].
 
-  `masks` [N, H, W, 1] is outlined on the columns listed in `outline_columns`.
+  `masks` [N, H, W, 1] is outlined on the columns listed in `outline_columns`; or `outlines`
+  gives each column its own masks (None: no outline), e.g. for zoomed columns.
   """
   n, h, w = np.asarray(columns[0]).shape[:3]
   ncol = len(columns)
+  if outlines is None:
+    outlines = [masks if j in outline_columns else None for j in range(ncol)]
   grid = np.ones((n * (h + pad) + pad, ncol * (w + pad) + pad, 3), np.float32)
   for i in range(n):
     for j, col in enumerate(columns):
       tile = to_unit(np.asarray(col)[i])
-      if masks is not None and j in outline_columns:
-        tile = outline(tile, np.asarray(masks)[i])
+      if outlines[j] is not None:
+        tile = outline(tile, np.asarray(outlines[j])[i])
       y, x = pad + i * (h + pad), pad + j * (w + pad)
       grid[y:y + h, x:x + w] = tile
   return grid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from ctdiff_jax.generation.export import png
 
@@ -22,14 +23,14 @@ def _case(radius: int, n: int = 3, seed: int = 0):
   return real, mask, gen
 
 
-def _tiles(path, columns: int):
+def _tiles(path, columns: int, channel: int = 0):
   fig = np.asarray(Image.open(path)).astype(np.int32)
   scale = -(-png.FIGURE_TILE_PX // H)
   tile, pad, header = H * scale, png.FIGURE_PAD_PX, png.FIGURE_HEADER_PX
   rows = (fig.shape[0] - header - pad) // (tile + pad)
   assert fig.shape[1] == columns * (tile + pad) + pad
   return lambda i, j: fig[header + pad + i * (tile + pad):header + pad + i * (tile + pad) + tile,
-                          pad + j * (tile + pad):pad + j * (tile + pad) + tile, 0], rows, scale
+                          pad + j * (tile + pad):pad + j * (tile + pad) + tile], rows, scale
 
 
 def test_small_masks_get_zoomed_columns(tmp_path):
@@ -47,9 +48,15 @@ def test_small_masks_get_zoomed_columns(tmp_path):
     # In the zoom the new lesion is brighter than its surroundings by most of the grey range,
     # while in the full-slice window (600 HU wide) the same 80 HU step is ~34 grey levels.
     inside = up(m)
+    core, edge = ndimage.binary_erosion(inside, iterations=2), inside & ~ndimage.binary_erosion(inside)
+    assert np.all(zg == zg[..., :1]), "the zoomed output carries no outline"
+    zg, zr_red = zg[..., 0], zr
     assert zg[inside].mean() - zg[~inside].mean() > 120
-    assert abs(zr[inside].mean() - zr[~inside].mean()) < 40, "ground truth has no lesion"
-    full = tile(i, 2)
+    # The zoomed ground truth: the mask outlined in red, no lesion inside.
+    assert np.all((zr_red[edge][:, 0] > 200) & (zr_red[edge][:, 1] < 80)), "red outline"
+    zr = zr[..., 1]
+    assert abs(zr[core].mean() - zr[~inside].mean()) < 40, "ground truth has no lesion"
+    full = tile(i, 2)[..., 0]
     full_m = np.repeat(np.repeat(mask[i, ..., 0] > 0, scale, 0), scale, 1)
     assert full[full_m].mean() - full[~full_m].mean() < 60
 

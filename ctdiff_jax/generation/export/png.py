@@ -61,18 +61,18 @@ def zoom_boxes(mask: np.ndarray) -> list[tuple[slice, slice]] | None:
           for cy, cx in centres]
 
 
-def _zoomed(real_hu: np.ndarray, generated_hu: np.ndarray, boxes, size: int):
-  """The crops of both columns in [-1, 1], one contrast window per row, resized to `size`."""
-  cols = ([], [])
+def _zoomed(real_hu: np.ndarray, generated_hu: np.ndarray, mask: np.ndarray, boxes, size: int):
+  """The crops of both columns in [-1, 1] (one contrast window per row) and of the mask,
+  resized to `size`."""
+  cols = ([], [], [])
   for i, box in enumerate(boxes):
     crops = [np.asarray(x[i], np.float32).reshape(x.shape[1:3])[box]
-             for x in (real_hu, generated_hu)]
-    lo, hi = np.percentile(np.concatenate([c.ravel() for c in crops]), ZOOM_PERCENTILES)
+             for x in (real_hu, generated_hu, mask)]
+    lo, hi = np.percentile(np.concatenate([c.ravel() for c in crops[:2]]), ZOOM_PERCENTILES)
     window = (float(lo), float(max(hi, lo + 1.0)))
     k = -(-size // crops[0].shape[0])
-    for col, c in zip(cols, crops):
-      big = np.repeat(np.repeat(display_unit(c, window), k, axis=0), k, axis=1)
-      col.append(big[:size, :size, None])
+    for col, c in zip(cols, [display_unit(c, window) for c in crops[:2]] + crops[2:]):
+      col.append(np.repeat(np.repeat(c, k, axis=0), k, axis=1)[:size, :size, None])
   return [np.stack(c) for c in cols]
 
 
@@ -88,11 +88,15 @@ def figure4(path: str, real_hu: np.ndarray, mask: np.ndarray, generated_hu: np.n
   scale = max(1, -(-FIGURE_TILE_PX // h))
   up = lambda x: np.repeat(np.repeat(x, scale, axis=1), scale, axis=2)
   columns, titles = [up(real), up(masked), up(gen)], list(title_columns)
+  outlines = [None, up(m), None]
   boxes = zoom_boxes(m)
   if boxes is not None:
-    columns += _zoomed(real_hu, generated_hu, boxes, h * scale)
+    # The zoomed ground truth shows where the mask sits; the zoomed output is left bare.
+    zoom_real, zoom_gen, zoom_mask = _zoomed(real_hu, generated_hu, m, boxes, h * scale)
+    columns += [zoom_real, zoom_gen]
+    outlines += [zoom_mask, None]
     titles += ZOOM_COLUMNS
-  grid = figures.comparison_grid(columns, masks=up(m), pad=FIGURE_PAD_PX)
+  grid = figures.comparison_grid(columns, pad=FIGURE_PAD_PX, outlines=outlines)
   header = _label_strip(grid.shape[1], titles, h * scale, FIGURE_PAD_PX)
   writers.save_png(path, np.concatenate([header, grid], axis=0))
   return path
