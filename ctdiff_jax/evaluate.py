@@ -1,7 +1,8 @@
 """Evaluate CLI: Table 1 (FID and in-mask metrics) of organ inpainting, or a merge of tables.
 
   python -m ctdiff_jax.evaluate --config=configs/kidneys.py --workdir=W --output=out_kidneys \
-      [--pix2pix_config=configs/pix2pix_kidneys.py --pix2pix_workdir=W2] [--split=test]
+      [--pix2pix_config=configs/pix2pix_kidneys.py --pix2pix_workdir=W2] [--split=test] \
+      [--data_label="TotalSegmentator CT"]
   python -m ctdiff_jax.evaluate --merge=out_kidneys/table1.json,out_liver/table1.json \
       --output=out_all
 
@@ -33,6 +34,9 @@ def _define_flags():
   flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval_split).")
   flags.DEFINE_integer("num_samples", None, "Slices (default: config.eval.num_samples; 0 = all).")
   flags.DEFINE_integer("seed", 0, "Seed of the slice subset, noise and bootstrap.")
+  flags.DEFINE_string("data_label", None, "The data's name in the table's title and Data "
+                      "column (default: 'phantom cohort' for a phantom dataset, else the "
+                      "dataset's raw dir name).")
   flags.DEFINE_list("merge", None, "table1.json files to merge into one table (no evaluation; "
                     "one row per organ/dataset/split/N, the later file's row wins).")
 
@@ -57,7 +61,8 @@ def main(argv: Sequence[str]) -> None:
     pipeline.ensure_flags_parsed()
     rows = [table1.evaluate(fl.config, fl.workdir, fl.output, pix2pix_config=fl.pix2pix_config,
                             pix2pix_workdir=fl.pix2pix_workdir, split=fl.split,
-                            num_samples=fl.num_samples, seed=fl.seed)]
+                            num_samples=fl.num_samples, seed=fl.seed,
+                            data_label=fl.data_label)]
     paths = {name: os.path.join(fl.output, name)
              for name in table1.TABLE_FILES + ("per_slice.csv",)}
   print(table1.markdown_table(rows))

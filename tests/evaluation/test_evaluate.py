@@ -695,10 +695,11 @@ def test_cli_evaluates_a_checkpoint(fid_weights, smoke_run, tmp_path):
   res = _cli(["--config=configs/liver.py:smoke", *(f"--config.{k}={v}" for k, v in
                                                      overrides.items()),
               f"--workdir={workdir}", f"--output={out}", "--split=train", "--num_samples=3",
-              "--seed=1"], CTDIFF_FID_WEIGHTS=fid_weights)
+              "--seed=1", "--data_label=my CT"], CTDIFF_FID_WEIGHTS=fid_weights)
   assert res.returncode == 0, res.stderr[-3000:]
   (row,) = json.loads((out / "table1.json").read_text())["rows"]
   assert (row["organ"], row["split"], row["num_slices"]) == ("liver", "train", 3)
+  assert row["data_label"] == "my CT" and "my CT" in (out / "table1.md").read_text()
   assert row["settings"]["seed"] == 1 and row["methods"]["pix2pix"] is None
   assert row["methods"]["diffusion"]["checkpoint"]["step"] == 2
   for m in ("diffusion", "neighbour"):
