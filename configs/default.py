@@ -86,8 +86,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.num_train_steps = 200_000  # Optimiser steps.
   config.per_device_batch_size = 8  # Global batch = this x devices x processes.
   config.parallel = "pmap"  # "pmap" or "shard_map" (same numbers).
-  config.num_devices = 0  # Local devices to use (0 = all).
-  config.distributed = False  # Call jax.distributed.initialize() (multi-host).
+  config.num_devices = 0  # Devices per process to use (0 = all local ones).
+  config.distributed = False  # Multi-host: join jax.distributed (README "Multi-host training").
   config.log_every_steps = 100  # Metrics pulled to host (no per-step host sync).
   config.checkpoint_every_steps = 5000  # Orbax save period.
   config.keep_checkpoints = 3  # Keep the last N.
