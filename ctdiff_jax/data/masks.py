@@ -45,7 +45,7 @@ SHAPE_KINDS = ("ellipse", "polygon", "brush")
 MIN_ORGAN_PIXELS = 1
 
 
-def _as_2d(labels: np.ndarray, name: str = "labels") -> np.ndarray:
+def as_2d(labels: np.ndarray, name: str = "labels") -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim == 3 and labels.shape[-1] == 1:
     labels = labels[..., 0]
@@ -63,7 +63,7 @@ def _spacing(spacing_mm) -> tuple[float, float]:
 
 def organ_union(labels: np.ndarray, label_ids: Sequence[int] = ()) -> np.ndarray:
   """Bool (H, W): pixels whose label is in `label_ids` (empty = every organ, i.e. label > 0)."""
-  labels = _as_2d(labels)
+  labels = as_2d(labels)
   if len(label_ids) == 0:
     return labels > 0
   return np.isin(labels, np.asarray(label_ids, labels.dtype))
@@ -71,7 +71,7 @@ def organ_union(labels: np.ndarray, label_ids: Sequence[int] = ()) -> np.ndarray
 
 def dilate_mm(mask: np.ndarray, dilation_mm: float, spacing_mm=(1.0, 1.0)) -> np.ndarray:
   """Grows a bool mask by every pixel whose centre is within `dilation_mm` (Euclidean, in mm)."""
-  mask = _as_2d(mask, "mask").astype(bool)
+  mask = as_2d(mask, "mask").astype(bool)
   if dilation_mm < 0:
     raise ValueError(f"dilation_mm must be >= 0, got {dilation_mm}")
   if dilation_mm == 0 or not mask.any():
@@ -261,7 +261,7 @@ def lesion_mask(labels: np.ndarray, lesion_label_id: int, dilation_mm: float = 0
 
   All-False when the slice has no lesion.
   """
-  labels = _as_2d(labels)
+  labels = as_2d(labels)
   if int(lesion_label_id) <= 0:
     raise ValueError(f"lesion mask mode needs a lesion label id > 0, got {lesion_label_id} "
                      f"(set config.data.lesion_label_id to the dataset's lesion_label_id)")
@@ -291,7 +291,7 @@ def make_mask(
   present) in organ/bbox mode get a `shape` mask. With `return_mode=True` returns
   `(mask, mode_used)`, mode_used in {'organ', 'bbox', 'shape', 'lesion'}.
   """
-  labels = _as_2d(labels)
+  labels = as_2d(labels)
   used = resolve_mode(mode, rng, mixed_weights)
   mask = None
   if used == "lesion":
@@ -318,7 +318,7 @@ def make_mask(
 
 def fits_inside(mask: np.ndarray, host: np.ndarray) -> bool:
   """True when every pixel of `mask` is also in `host` (same shape)."""
-  mask, host = _as_2d(mask, "mask").astype(bool), _as_2d(host, "host").astype(bool)
+  mask, host = as_2d(mask, "mask").astype(bool), as_2d(host, "host").astype(bool)
   if mask.shape != host.shape:
     raise ValueError(f"mask shape {mask.shape} != host shape {host.shape}")
   return bool(np.all(host[mask]))
@@ -336,8 +336,8 @@ def valid_offsets(tumor_mask: np.ndarray, host_mask: np.ndarray) -> np.ndarray:
   A translation moves the tumour array's pixel (r, c) to (r + dy, c + dx) on the host grid; the
   tumour array may be the host's size or a smaller stamp. K = 0 when nothing fits.
   """
-  tumor = _as_2d(tumor_mask, "tumor_mask").astype(bool)
-  host = _as_2d(host_mask, "host_mask").astype(bool)
+  tumor = as_2d(tumor_mask, "tumor_mask").astype(bool)
+  host = as_2d(host_mask, "host_mask").astype(bool)
   if not tumor.any():
     raise ValueError("tumor_mask is empty")
   stamp, r0, c0 = _crop(tumor)
@@ -354,7 +354,7 @@ def valid_offsets(tumor_mask: np.ndarray, host_mask: np.ndarray) -> np.ndarray:
 
 def shift_mask(tumor_mask: np.ndarray, offset: tuple[int, int], shape: tuple[int, int]):
   """Bool `shape` mask: the tumour's pixels translated by `offset`; raises if any leave it."""
-  tumor = _as_2d(tumor_mask, "tumor_mask").astype(bool)
+  tumor = as_2d(tumor_mask, "tumor_mask").astype(bool)
   rr, cc = np.nonzero(tumor)
   rr, cc = rr + int(offset[0]), cc + int(offset[1])
   if rr.size and (rr.min() < 0 or cc.min() < 0 or rr.max() >= shape[0] or cc.max() >= shape[1]):
@@ -375,8 +375,8 @@ def place_mask(
   Give either `offset` (checked) or `rng` (a uniformly random valid translation).
   Raises ValueError('cannot fit ...') when no translation (or the given one) fits.
   """
-  host = _as_2d(host_mask, "host_mask").astype(bool)
-  tumor = _as_2d(tumor_mask, "tumor_mask").astype(bool)
+  host = as_2d(host_mask, "host_mask").astype(bool)
+  tumor = as_2d(tumor_mask, "tumor_mask").astype(bool)
   if (rng is None) == (offset is None):
     raise ValueError("place_mask needs exactly one of rng or offset")
   n_t, n_h = int(tumor.sum()), int(host.sum())

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ctdiff_jax.data.masks import _as_2d  # (H, W) or (H, W, 1) -> (H, W), one place
+from ctdiff_jax.data.masks import as_2d  # (H, W) or (H, W, 1) -> (H, W), one place
 from ctdiff_jax.evaluation.fid.preprocess import check_window
 
 SSIM_SIGMA = 1.5
@@ -30,9 +30,9 @@ SSIM_K2 = 0.03
 
 
 def _check(generated, real, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  g = _as_2d(generated, "generated").astype(np.float64)
-  r = _as_2d(real, "real").astype(np.float64)
-  m = _as_2d(mask, "mask") > 0.5
+  g = as_2d(generated, "generated").astype(np.float64)
+  r = as_2d(real, "real").astype(np.float64)
+  m = as_2d(mask, "mask") > 0.5
   if not g.shape == r.shape == m.shape:
     raise ValueError(f"shape mismatch: generated {g.shape}, real {r.shape}, mask {m.shape}")
   if not m.any():
@@ -61,8 +61,8 @@ def psnr_db(generated: np.ndarray, real: np.ndarray, mask: np.ndarray,
 
 def ssim_map(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
   """Per-pixel Gaussian-window SSIM (Wang et al. 2004) of two float [H, W] images."""
-  x = _as_2d(x, "x").astype(np.float64)
-  y = _as_2d(y, "y").astype(np.float64)
+  x = as_2d(x, "x").astype(np.float64)
+  y = as_2d(y, "y").astype(np.float64)
   if x.shape != y.shape:
     raise ValueError(f"shape mismatch: {x.shape} vs {y.shape}")
   if not data_range > 0:
