@@ -5,6 +5,8 @@
       --steps=50 --sampler=ddim --labels=1,2 --margin_mm=10 --mask_file=M.npy \
       --offset=dy,dx --donor_split=train --formats=nifti,png --tfds --volumes \
       --checkpoint_step=N --overwrite]
+      [--distributed | --num_processes=P --process_id=p]
+  python -m ctdiff_jax.generate --merge --output_dir=synthetic   (joins the parts of P processes)
 
 The work is done by ctdiff_jax/generation (runner, scenarios, export).
 """
@@ -19,6 +21,7 @@ from absl import flags
 from ctdiff_jax import cli
 from ctdiff_jax.diffusion import sampling
 from ctdiff_jax.generation import export
+from ctdiff_jax.generation import hosts
 from ctdiff_jax.generation import runner
 from ctdiff_jax.generation import scenarios
 
@@ -54,12 +57,27 @@ def _define_flags():
   flags.DEFINE_bool("tfds", False, "Also write a TFDS dataset (ct_slices features).")
   flags.DEFINE_bool("volumes", False, "Also write per-case stacked NIfTI volumes.")
   flags.DEFINE_bool("overwrite", False, "Write into an output_dir that holds an export.")
+  # Several hosts (generation/hosts.py, export/parts.py): each writes its block of indices.
+  flags.DEFINE_bool("distributed", False, "jax.distributed.initialize(), then write this "
+                    "process's part; process 0 merges the parts after a barrier.")
+  flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0 "
+                      "(default: env JAX_COORDINATOR_ADDRESS or the detected cluster).")
+  flags.DEFINE_integer("num_processes", None, "Processes sharing the run (--distributed: "
+                       "default from the cluster; without it: independent jobs, then --merge).")
+  flags.DEFINE_integer("process_id", None, "This process, 0 .. num_processes-1.")
+  flags.DEFINE_bool("merge", False, "Only merge <output_dir>/parts/ into one export (needs "
+                    "no --config).")
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   fl = flags.FLAGS
+  if fl.merge:
+    if not fl.output_dir:
+      raise app.UsageError("--merge needs --output_dir (the folder holding parts/)")
+    print(export.parts.format_merge(export.merge(fl.output_dir)))
+    return
   if fl.config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/kidneys.py:smoke)")
   if not fl.output_dir:
@@ -77,8 +95,20 @@ def main(argv: Sequence[str]) -> None:
       margin_mm=fl.margin_mm, mask_file=fl.mask_file, offset=fl.offset,
       blend_px=fl.blend_px, donor_split=fl.donor_split, formats=fl.formats, tfds=fl.tfds,
       volumes=fl.volumes, overwrite=fl.overwrite)
-  summary = runner.generate(fl.config, checkpoint, spec, fl.output_dir)
+  summary = runner.generate(fl.config, checkpoint, spec, fl.output_dir, shard=_shard(fl))
   print(runner.format_summary(summary))
+
+
+def _shard(fl) -> export.Shard | None:
+  """This process's share of the run (None: of jax.distributed, one process without it)."""
+  if fl.process_id is not None and fl.num_processes is None:
+    raise app.UsageError("--process_id needs --num_processes")
+  if fl.distributed:
+    hosts.initialize(fl.coordinator_address, fl.num_processes, fl.process_id)
+    return None
+  if fl.num_processes:  # independent jobs, merged later
+    return export.Shard(fl.process_id or 0, fl.num_processes)
+  return None
 
 
 if __name__ == "__main__":

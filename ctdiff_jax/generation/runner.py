@@ -39,6 +39,7 @@ from ctdiff_jax.data import sources
 from ctdiff_jax.data import transforms
 from ctdiff_jax.diffusion import sampling
 from ctdiff_jax.generation import export
+from ctdiff_jax.generation import hosts
 from ctdiff_jax.generation import inference
 from ctdiff_jax.generation import scenarios
 from ctdiff_jax.ingest import records
@@ -189,8 +190,10 @@ def _samples(jobs: list[scenarios.Job], generated: np.ndarray, intensity) -> Sam
 
 def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Planner,
                  num_samples: int, *, progress: bool = True,
-                 wanted=None) -> Iterator[Samples]:
-  """Generates `num_samples` slices of the planner's jobs in chunks of CHUNK_BATCHES batches.
+                 wanted=None, first: int = 0) -> Iterator[Samples]:
+  """Generates slices first..num_samples-1 of the planner's jobs in chunks of CHUNK_BATCHES
+  batches (first > 0: one process's share, export/parts.py; the jobs before it are planned,
+  not generated, so sample i is the same job as in a whole run).
 
   Sample i's noise comes from (planner.spec.seed, i) alone, not from the chunk, batch size
   or device count (Inpainter.inpaint). A chunk whose sample
@@ -199,9 +202,10 @@ def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Plan
   ecfg = transforms.ExampleConfig.from_data_config(config.data)
   spec = planner.spec
   chunk = inpainter.batch_size * CHUNK_BATCHES
-  jobs = planner.jobs(num_samples)
-  bar = tqdm.tqdm(total=num_samples, desc=f"generating ({spec.scenario})", unit="slice",
-                  disable=not progress)
+  jobs = itertools.islice(planner.jobs(num_samples), first, None) if num_samples > first else (
+      iter(()))
+  bar = tqdm.tqdm(total=max(num_samples - first, 0), desc=f"generating ({spec.scenario})",
+                  unit="slice", disable=not progress)
   t0, done = time.time(), 0
   try:
     for _ in itertools.count():
@@ -265,41 +269,69 @@ def display_window(config) -> tuple[float, float]:
 
 
 def generate(config, checkpoint, spec: GenerateSpec, output_dir: str, *,
-             progress: bool = True, on_part=None) -> dict[str, Any]:
+             progress: bool = True, on_part=None,
+             shard: export.Shard | None = None) -> dict[str, Any]:
   """Generates `spec.num_samples` slices into `output_dir` (see export/); returns a summary.
 
   Checks the scenario, dataset and mask before loading the model, so bad input fails fast.
   `on_part(samples)`, if given, also sees every generated chunk (e.g. to score it in memory
-  without generating it a second time).
+  without generating it a second time). `shard` (default: this process of a jax.distributed
+  run, hosts.current()): with several processes, this one writes its block of the sample
+  indices into output_dir/parts/ and, under jax.distributed, process 0 merges the parts into
+  output_dir after a barrier (export/parts.py; independent jobs: `generate --merge`).
   """
-  t0 = time.time()
   output_dir = os.path.abspath(os.path.expanduser(output_dir))
   request = export.request_of(spec, config)  # an interrupted run of it is resumed (export/)
+  shard = hosts.current() if shard is None else shard
+  if shard.count == 1:
+    return _export(config, checkpoint, spec, output_dir, request, progress=progress,
+                   on_part=on_part)
+  part_dir, part_request = export.parts.start(output_dir, request, shard, spec.overwrite)
+  summary: dict[str, Any] = {"output_dir": part_dir, "num_samples": 0}  # complete already
+  if part_request is not None:
+    summary = _export(config, checkpoint, spec, part_dir, part_request, shard=shard,
+                      progress=progress, on_part=on_part)
+  summary.update(part=shard.name, distributed=shard.distributed)
+  if shard.distributed:
+    hosts.barrier(f"ctdiff_jax.generate {output_dir}")
+    if shard.index == 0:
+      summary["merged"] = export.merge(output_dir)
+  return summary
+
+
+def _export(config, checkpoint, spec: GenerateSpec, output_dir: str, request, *,
+            shard: export.Shard | None = None, progress: bool = True, on_part=None
+            ) -> dict[str, Any]:
+  """generate's export of the whole run, or (shard) of one process's part."""
+  t0 = time.time()
+  first, stop = shard.range(spec.num_samples) if shard else (0, spec.num_samples)
   export.check_output_dir(output_dir, request, spec.overwrite)
   planner, meta, split = make_planner(config, spec, progress=progress)
   inpainter = _inpainter(config, checkpoint, spec)
   run = _run_info(config, inpainter, planner, meta, split)
   exporter = export.Exporter(
-      output_dir, meta, spec.num_samples, formats=spec.formats, tfds=spec.tfds,
+      output_dir, meta, stop - first, formats=spec.formats, tfds=spec.tfds,
       volumes=spec.volumes, display_window=display_window(config),
       provenance={k: v for k, v in run.items() if k != "skipped"}, request=request,
-      overwrite=spec.overwrite)
+      overwrite=spec.overwrite, part=shard is not None)
   t_gen = time.time()
-  for part in iter_samples(config, inpainter, planner, spec.num_samples, progress=progress,
-                           wanted=exporter.wanted):
+  for part in iter_samples(config, inpainter, planner, stop, progress=progress,
+                           wanted=exporter.wanted, first=first):
     exporter.add(part)
     if on_part is not None:
       on_part(part)
   gen_seconds = time.time() - t_gen
   written = exporter.finish()
   run["skipped"] = dict(planner.skipped)
-  return {**run, **written, "num_samples": spec.num_samples, "dataset": meta.get("dataset"),
+  return {**run, **written, "num_samples": stop - first, "dataset": meta.get("dataset"),
           "skipped_count": len(run["skipped"]), "seconds": round(time.time() - t0, 2),
-          "slices_per_s": round(spec.num_samples / max(gen_seconds, 1e-9), 3)}
+          "slices_per_s": round((stop - first) / max(gen_seconds, 1e-9), 3)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
   """The human-readable end-of-run summary printed by the CLI."""
+  if "part" in summary:
+    return _format_part(summary)
   lines = [
       f"generated {summary['num_samples']} slices ({summary['scenario']}) from "
       f"{summary['dataset']} split {summary['source_split']!r} with checkpoint step "
@@ -320,4 +352,20 @@ def format_summary(summary: dict[str, Any]) -> str:
   if skipped:
     lines.append(f"  skipped     {len(skipped)} source slices (empty mask / nothing fits), e.g. "
                  + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]))
+  return "\n".join(lines)
+
+
+def _format_part(summary: dict[str, Any]) -> str:
+  """format_summary of one process's part (and of the merge process 0 did)."""
+  rest = {k: v for k, v in summary.items() if k not in ("part", "merged", "distributed")}
+  lines = [format_summary(rest) if "scenario" in rest else
+           f"{summary['part']} was complete already ({summary['output_dir']})"]
+  if summary.get("merged"):
+    lines.append(export.parts.format_merge(summary["merged"]))
+  elif summary.get("distributed"):
+    lines.append("  merge       by process 0, into the parts' parent folder")
+  else:
+    top = os.path.dirname(os.path.dirname(summary["output_dir"]))
+    lines.append(f"  merge       once every part is written: python -m ctdiff_jax.generate "
+                 f"--merge --output_dir={top}")
   return "\n".join(lines)
