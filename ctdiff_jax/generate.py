@@ -4,7 +4,7 @@
       --scenario=organ --output_dir=synthetic --num_samples=64 [--seed=0 --split=test \
       --steps=50 --sampler=ddim --labels=1,2 --margin_mm=10 --mask_file=M.npy \
       --offset=dy,dx --donor_split=train --formats=nifti,png --tfds --volumes \
-      --checkpoint_step=N --overwrite]
+      --checkpoint_step=N --overwrite] [--volume_mode=2.5d --manual_dir=RAW --volume_metrics]
       [--distributed | --num_processes=P --process_id=p]
   python -m ctdiff_jax.generate --merge --output_dir=synthetic   (joins the parts of P processes)
 
@@ -24,6 +24,7 @@ from ctdiff_jax.generation import export
 from ctdiff_jax.generation import hosts
 from ctdiff_jax.generation import runner
 from ctdiff_jax.generation import scenarios
+from ctdiff_jax.generation import volume25d
 
 
 def _define_flags():
@@ -67,6 +68,14 @@ def _define_flags():
   flags.DEFINE_integer("process_id", None, "This process, 0 .. num_processes-1.")
   flags.DEFINE_bool("merge", False, "Only merge <output_dir>/parts/ into one export (needs "
                     "no --config).")
+  flags.DEFINE_enum("volume_mode", "", ("",) + volume25d.VOLUME_MODES, "2.5d: whole source "
+                    "volumes, slice by slice conditioned on the generated neighbours "
+                    "(generation/volume25d.py); --num_samples counts volumes.")
+  flags.DEFINE_string("manual_dir", None, "Volume mode: the raw cases (default: "
+                      "config.manual_dir, else the dataset build's).")
+  flags.DEFINE_bool("volume_metrics", False, "Volume mode: also generate the volumes slice by "
+                    "slice and write volume_metrics.{md,json} (2.5D FID per plane, "
+                    "inter-slice difference: real, independent, 2.5D).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -95,6 +104,11 @@ def main(argv: Sequence[str]) -> None:
       margin_mm=fl.margin_mm, mask_file=fl.mask_file, offset=fl.offset,
       blend_px=fl.blend_px, donor_split=fl.donor_split, formats=fl.formats, tfds=fl.tfds,
       volumes=fl.volumes, overwrite=fl.overwrite)
+  if fl.volume_mode:  # whole volumes (generation/volume25d.py)
+    summary = volume25d.generate(fl.config, checkpoint, spec, fl.output_dir,
+                                 manual_dir=fl.manual_dir, compare=fl.volume_metrics)
+    print(volume25d.format_summary(summary))
+    return
   summary = runner.generate(fl.config, checkpoint, spec, fl.output_dir, shard=_shard(fl))
   print(runner.format_summary(summary))
 
