@@ -14,16 +14,18 @@ from typing import Any
 from ctdiff_jax.ingest import naming
 
 def build(config: Any, manual_dir: str | pathlib.Path, data_dir: str | pathlib.Path, *,
-          overwrite: bool = False, **options) -> dict[str, Any]:
+          overwrite: bool = False, beam_options: Any = None, **options) -> dict[str, Any]:
   """Builds ct_slices/<config> into data_dir from the raw cases in manual_dir.
 
   `config` is a config name ('kidneys', 'kidneys_64px'), an organ list or a CtSlicesConfig;
   `options` are make_config's (image_size, spacing_mm, lesion, min_organ_area,
   empty_slice_fraction, split_ratios, layout, skip_bad_cases). An existing complete build of
-  the same config is reused unless `overwrite`. Returns the build summary: dataset, layout,
-  cases_found, cases_read, cases_without_organ, cases_skipped {case: reason},
-  cases_unlabelled, cases {split: ids}, slices {split: n}, total_slices, data_dir,
-  already_built, seconds.
+  the same config is reused unless `overwrite`. `beam_options` (Beam PipelineOptions, or
+  flags as `tfds build --beam_pipeline_options` takes them: 'runner=DirectRunner,...') build
+  on Apache Beam instead of in this process (ctdiff_jax/ingest/beam_build.py).
+  Returns the build summary: dataset, layout, cases_found, cases_read, cases_without_organ,
+  cases_skipped {case: reason}, cases_unlabelled, cases {split: ids}, slices {split: n},
+  total_slices, data_dir, already_built, seconds.
   """
   # Lazy: importing this module must stay cheap and free of TFDS for training code.
   # pylint: disable=g-import-not-at-top
@@ -41,10 +43,13 @@ def build(config: Any, manual_dir: str | pathlib.Path, data_dir: str | pathlib.P
   # REUSE_CACHE_IF_EXISTS regenerates the dataset (there is nothing to download anyway).
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  if isinstance(beam_options, (str, list, tuple)):
+    from ctdiff_jax.ingest import beam_build  # pylint: disable=g-import-not-at-top
+    beam_options = beam_build.pipeline_options(beam_options) if beam_options else None
   builder = ctb.Builder(config=cfg, data_dir=str(data_dir))
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir),
-                                                   download_mode=mode),
+                                                   download_mode=mode, beam_options=beam_options),
       file_format="array_record")
   if builder.build_summary is not None:
     summary = dict(builder.build_summary, already_built=False)

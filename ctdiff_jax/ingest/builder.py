@@ -16,7 +16,9 @@ or `python -m ctdiff_jax.build_dataset ...` / `tfds build data_builders/ct_slice
 Build in two passes over the cases: a scan (reads and validates every case, decides its kept
 slices on the source grid, counts problems) and the write pass (reads the kept cases again
 and emits their records). Only splits with at least one slice are written: TFDS cannot
-write an empty split.
+write an empty split. Given Beam options (DownloadConfig.beam_options / beam_runner, `tfds
+build --beam_pipeline_options=...`), both passes run on Apache Beam, one case per element,
+through the same per-case functions `scan_case` and `case_records` (ingest/beam_build.py).
 
 Splits are by case (no case in two splits): cases are ranked by sha1(case_id) and the first
 n_train go to train, the next n_validation to validation, the rest to test, where the counts
@@ -44,7 +46,7 @@ import math
 import os
 import pathlib
 import shutil
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 try:
   import fcntl
@@ -54,6 +56,7 @@ except ImportError:  # Windows: builds are not serialised
 import tensorflow_datasets as tfds
 import tqdm
 
+from ctdiff_jax.ingest import beam_build
 from ctdiff_jax.ingest import naming
 from ctdiff_jax.ingest import layouts
 from ctdiff_jax.ingest import modality as modality_lib
@@ -189,6 +192,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [make_config(name) for name in organs_lib.DATASET_CONFIGS]
   # Set by a build: cases read / skipped / without the organ, slices and cases per split.
   build_summary: dict[str, Any] | None = None
+  # Set by a build given Beam options: (runner, options); None builds locally.
+  _beam: tuple[Any, Any] | None = None
 
   def __init__(self, *, file_format=None, **kwargs):
     # array_record by default: written and read without TensorFlow (tfrecord needs TF).
@@ -240,7 +245,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
-    return tfds.core.DatasetInfo(
+    return _DatasetInfo(
         builder=self,
         description=("Axial CT slices (HU, int16) with organ label maps, resampled in-plane; "
                      "see ctdiff_jax/ingest/records.py for the record schema."),
@@ -274,10 +279,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       _LOG.warning("%d cases without a label file ignored: %s", len(raw.unlabelled),
                    raw.unlabelled[:10])
     scanned: list[tuple[volumes.Case, list[int]]] = []
-    for case in tqdm.tqdm(raw.cases, desc="Scanning cases", unit="case"):
-      try:
-        kept, n_organ = _scan(case, cfg)
-      except volumes.VolumeError as e:
+    # In case order either way: the first bad case stops both builds (Beam scans them all).
+    for case, (kept, n_organ, e) in zip(raw.cases, self._scan_cases(raw.cases)):
+      if e is not None:
         if not cfg.skip_bad_cases:
           raise _with_skip_hint(e) from e
         _LOG.warning("skipping bad case %s: %s", case.case_id, e)
@@ -303,23 +307,74 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           f"{raw.root} has {list(cfg.organs)} on a slice (min_organ_area "
           f"{cfg.min_organ_area}; cases skipped as bad: {len(summary['cases_skipped'])}): "
           "check the organs asked for against the label names, or lower min_organ_area")
+    if self._beam is not None:
+      # Workers cannot count into this summary: a case writes one record per kept slice.
+      for s in SPLITS:
+        summary["slices"][s] = sum(len(kept) for _, kept in todo[s])
+      records_fn = functools.partial(case_records, cfg=cfg)
+      return {s: beam_build.write_split(todo[s], records_fn) for s in SPLITS if todo[s]}
     return {s: self._generate_examples(cases=todo[s], split=s) for s in SPLITS if todo[s]}
+
+  def _generate_splits(self, dl_manager, download_config):
+    # Beam options (or a runner) select the Beam path: ctdiff_jax/ingest/beam_build.py.
+    runner, options = download_config.beam_runner, download_config.beam_options
+    self._beam = None if runner is None and options is None else (runner, options)
+    return super()._generate_splits(dl_manager, download_config)
+
+  def _scan_cases(self, cases: Sequence[volumes.Case]
+                  ) -> Iterable[tuple[list[int], int, volumes.VolumeError | None]]:
+    """scan_case of every case, in order: lazily here, or all at once on Beam."""
+    scan_fn = functools.partial(scan_case, cfg=self.builder_config)
+    if self._beam is None:
+      return map(scan_fn, tqdm.tqdm(cases, desc="Scanning cases", unit="case"))
+    runner, options = self._beam
+    outcomes = beam_build.scan(cases, scan_fn, work_dir=self.data_path, runner=runner,
+                               options=options)
+    return [(kept, n, None if e is None else volumes.VolumeError(e)) for kept, n, e in outcomes]
 
   def _generate_examples(self, cases: list[tuple[volumes.Case, list[int]]],
                          split: str) -> Iterator[tuple[str, dict]]:
     cfg = self.builder_config
     for case, kept in tqdm.tqdm(cases, desc=f"Writing {split}", unit="case"):
-      loaded = volumes.load_case(case, cfg.organs)
-      again, _ = volumes.select_slices(loaded.organ_map, cfg.min_organ_area,
-                                       cfg.empty_slice_fraction, case.case_id)
-      if again != kept:
-        raise volumes.VolumeError(
-            f"case {case.case_id!r}: {', '.join(str(f) for f in case.files())}: files changed "
-            "during the build (other slices than at the scan): rerun it with the files left alone")
-      for record in volumes.slice_records(loaded, kept, cfg.image_size, cfg.spacing_mm,
-                                          cfg.modality):
+      for key, record in case_records(case, kept, cfg):
         self.build_summary["slices"][split] += 1
-        yield f"{case.case_id}/{int(record[records.SLICE_INDEX]):05d}", record
+        yield key, record
+
+
+class _DatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo that does not look for ct_slices on the TFDS bucket (it is never there).
+
+  TFDS's `initialize_from_bucket` (run by every construction of an unbuilt builder) first makes
+  a `tempfile.mkdtemp("tfds")` folder and never removes it: one empty /tmp/tmp*tfds each time.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
+def scan_case(case: volumes.Case, cfg: CtSlicesConfig
+              ) -> tuple[list[int], int, volumes.VolumeError | None]:
+  """The scan of one case: (kept z indices, organ slices, None), or ([], 0, its error)."""
+  try:
+    kept, n_organ = _scan(case, cfg)
+  except volumes.VolumeError as e:
+    return [], 0, e
+  return kept, n_organ, None
+
+
+def case_records(case: volumes.Case, kept: Sequence[int], cfg: CtSlicesConfig
+                 ) -> Iterator[tuple[str, dict]]:
+  """The write of one case: (key, record) per kept slice, re-read (must match the scan)."""
+  loaded = volumes.load_case(case, cfg.organs)
+  again, _ = volumes.select_slices(loaded.organ_map, cfg.min_organ_area,
+                                   cfg.empty_slice_fraction, case.case_id)
+  if list(again) != list(kept):
+    raise volumes.VolumeError(
+        f"case {case.case_id!r}: {', '.join(str(f) for f in case.files())}: files changed "
+        "during the build (other slices than at the scan): rerun it with the files left alone")
+  for record in volumes.slice_records(loaded, kept, cfg.image_size, cfg.spacing_mm,
+                                      cfg.modality):
+    yield f"{case.case_id}/{int(record[records.SLICE_INDEX]):05d}", record
 
 
 @contextlib.contextmanager
