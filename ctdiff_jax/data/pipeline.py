@@ -36,10 +36,16 @@ Data config fields (`config.data`; the defaults are in configs/default.py):
   worker_buffer_size  Batches each worker prepares ahead.
 
 The seed is not a data field: callers pass the run's seed to `create_loader`.
+
+Multi-process training passes `process=(index, count)`: every process walks the same global
+batch order and reads only its own block of each global batch (`ProcessSliceSampler`), so
+2 processes x 2 devices see exactly the batches of 1 process x 4 devices. `set_position` puts a
+fresh iterator after n batches (a checkpoint of another process count, training/trainer.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Sequence
 
@@ -54,6 +60,56 @@ def ensure_flags_parsed() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+class ProcessSliceSampler:
+  """Process `index`'s block of every global batch of a global-order sampler.
+
+  Global batch b holds the sampler's records [b * G, (b + 1) * G), G = count * local; this
+  process reads [b * G + index * local, ...) of it: disjoint between processes. The records
+  keep their global metadata (index, rng), so masks and augmentations match a 1-process run.
+  """
+
+  def __init__(self, sampler: grain.IndexSampler, local: int, index: int, count: int):
+    if not 0 <= index < count:
+      raise ValueError(f"process index {index} not in [0, {count})")
+    self._sampler, self._local, self._index, self._count = sampler, local, index, count
+
+  def _global(self, k: int) -> int:
+    return (k // self._local) * self._local * self._count + self._index * self._local + (
+        k % self._local)
+
+  def __len__(self) -> int:
+    n = len(self._sampler) // (self._local * self._count)  # whole global batches only
+    return n * self._local
+
+  def __repr__(self) -> str:
+    return (f"ProcessSliceSampler({self._sampler!r}, local={self._local}, "
+            f"process={self._index}/{self._count})")
+
+  def __getitem__(self, k: int):
+    if k < 0 or k >= len(self):
+      raise IndexError(f"index {k} out of range [0, {len(self)})")
+    return self._sampler[self._global(k)]
+
+
+def set_position(data_iter, num_batches: int, batch: int) -> None:
+  """Puts a fresh DataLoader iterator after its first `num_batches` batches of `batch` records.
+
+  Nothing is loaded. Grain's DataLoader state: worker w makes batches w, w + W, ... from the
+  sampler's records w, w + W, ... (`last_seen_indices` are sampler indices); W = 0 reads in order.
+  """
+  state = json.loads(data_iter.get_state())
+  workers = int(state["worker_count"])
+  if workers == 0:
+    state["last_seen_indices"] = {"0": num_batches * batch - 1}
+    state["last_worker_index"] = -1
+  else:
+    made = [(num_batches - w + workers - 1) // workers for w in range(workers)]
+    state["last_seen_indices"] = {str(w): (made[w] * batch - 1) * workers + w
+                                  for w in range(workers)}
+    state["last_worker_index"] = (num_batches - 1) % workers
+  data_iter.set_state(json.dumps(state, indent=4).encode())
 
 
 class ListSource(grain.RandomAccessDataSource):
@@ -83,6 +139,7 @@ def create_loader(
     worker_count: int | None = None,
     drop_remainder: bool = True,
     shard_by_process: bool = True,
+    process: tuple[int, int] | None = None,
 ) -> grain.DataLoader:
   """A Grain DataLoader yielding dicts of numpy arrays with leading dims `batch_shape`.
 
@@ -96,6 +153,9 @@ def create_loader(
     worker_count: Grain worker processes; None -> data_cfg.worker_count (default 0).
     drop_remainder: drop a short final batch; if False it is padded and batches carry `valid`.
     shard_by_process: give each JAX process a disjoint shard of the records.
+    process: (index, count) of a multi-process run: the loader yields this process's block
+      of each global batch of count * prod(batch_shape) records (module docstring); it
+      replaces `shard_by_process`.
   """
   ensure_flags_parsed()
   batch_shape = tuple(int(d) for d in batch_shape)
@@ -105,7 +165,8 @@ def create_loader(
     raise ValueError(f"data source {data_source!r} is empty")
   if worker_count is None:
     worker_count = int(getattr(data_cfg, "worker_count", 0))
-  shard = (grain.ShardByJaxProcess(drop_remainder=True) if shard_by_process
+  multi = process is not None and int(process[1]) > 1
+  shard = (grain.ShardByJaxProcess(drop_remainder=True) if shard_by_process and not multi
            else grain.NoSharding())
   sampler = grain.IndexSampler(
       num_records=len(data_source),
@@ -114,6 +175,9 @@ def create_loader(
       num_epochs=num_epochs,
       seed=int(seed),
   )
+  if multi:
+    sampler = ProcessSliceSampler(sampler, math.prod(batch_shape), int(process[0]),
+                                  int(process[1]))
   operations = [
       transforms.MakeExample(data_cfg),
       grain.Batch(math.prod(batch_shape), drop_remainder=drop_remainder),
