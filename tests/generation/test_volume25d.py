@@ -1,0 +1,191 @@
+"""2.5D volume generation (generation/volume25d.py) and its metrics (evaluation/volume_metrics.py).
+
+A 3-case phantom cohort with tumours is built as kidney_tumor at 32 px x 12 mm; the model is
+a random-weight neighbour-conditioned smoke model (as in test_generate.py: the tests check the
+mechanics — 3D masks, order, paste-back, geometry, determinism — not image quality).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import pathlib
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from configs import kidney_tumor
+from ctdiff_jax import phantom
+from ctdiff_jax.data import sources
+from ctdiff_jax.data import transforms
+from ctdiff_jax.evaluation import volume_metrics
+from ctdiff_jax.generation import runner
+from ctdiff_jax.generation import volume25d
+from ctdiff_jax.ingest import build as ingest_build
+from ctdiff_jax.ingest import layouts
+from ctdiff_jax.ingest import volumes
+from test_generate import write_random_checkpoints
+
+SIZE, SPACING = 32, 12.0
+ORGANS = ("kidney", "kidney_tumor")
+
+
+def make_config(data_dir):
+  config = kidney_tumor.get_config("smoke")
+  config.data_dir = str(data_dir)
+  config.image_size = SIZE
+  config.spacing_mm = SPACING
+  config.sampling.num_steps = 2
+  config.data.neighbours = True
+  return config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("volume25d")
+  phantom.write_cohort(root / "raw", 3, seed=0, lesions=True, progress=False)
+  ingest_build.build("kidney_tumor", root / "raw", root / "tfds", image_size=SIZE,
+                     spacing_mm=SPACING)
+  config = make_config(root / "tfds")
+  workdir = write_random_checkpoints(root / "workdir", config, {0: 0})
+  return {"root": root, "raw": root / "raw", "config": config,
+          "inpainter": runner.load_inpainter(config, str(workdir))}
+
+
+def run(data, out, scenario="tumor", seed=0, split="train", num=1, manual_dir=None, **kw):
+  spec = runner.GenerateSpec(scenario, num_samples=num, seed=seed, split=split, **kw)
+  summary = volume25d.generate(data["config"], data["inpainter"], spec, str(out),
+                               manual_dir=manual_dir, progress=False)
+  with open(pathlib.Path(out) / "manifest.csv", newline="") as f:
+    return summary, list(csv.DictReader(f))
+
+
+def case_of(raw, case_id):
+  return {c.case_id: c for c in layouts.read_layout(raw).cases}[case_id]
+
+
+def test_tumour_spans_the_donor_slices_inside_the_host_organ(data, tmp_path):
+  summary, rows = run(data, tmp_path / "tumor", num=3)
+  assert len(rows) == 3 and len(summary["previews"]) == 3
+  spans = []
+  for row in rows:
+    seg = np.asarray(nib.load(tmp_path / "tumor" / row["seg_file"]).dataobj)
+    source = volumes.load_case(case_of(data["raw"], row["source_case"]), ORGANS).organ_map
+    assert seg.shape == source.shape
+    new = (seg == 2) & (source != 2)
+    zs = np.flatnonzero(new.any(axis=(0, 1)))
+    assert len(zs) and np.array_equal(zs, np.arange(zs[0], zs[-1] + 1))  # one z run
+    spans.append(len(zs))
+    # Every placed voxel lies in the host kidney, on every slice.
+    assert np.all(source[new] == 1)
+    # Its slice count is one of the donor's own 3D tumours (same 5 mm slices in the cohort).
+    donor = volume25d.load_volume(case_of(data["raw"], row["donor_case"]), ORGANS, SIZE,
+                                  SPACING)
+    comps, k = ndimage.label(donor.grid_labels == 2, np.ones((3, 3, 3), bool))
+    extents = {int(np.ptp(np.flatnonzero((comps == c).any(axis=(1, 2))))) + 1
+               for c in range(1, k + 1)}
+    assert len(zs) == int(row["donor_slices"]) and len(zs) in extents
+    assert row["donor_case"] != row["source_case"]
+  assert max(spans) > 1  # 3D tumours, not one-slice stamps
+
+
+def lps_copy(raw, dest, case_id):
+  """The cohort with `case_id` stored LPS (x and y flipped, same world geometry)."""
+  shutil.copytree(raw, dest)
+  for kind in ("ct", "seg"):
+    path = dest / f"{case_id}_{kind}.nii.gz"
+    img = nib.load(path)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [img.shape[0] - 1, img.shape[1] - 1]
+    arr = np.ascontiguousarray(np.asarray(img.dataobj)[::-1, ::-1])
+    out = nib.Nifti1Image(arr, img.affine @ flip)
+    out.set_data_dtype(img.get_data_dtype())
+    nib.save(out, path)
+  return dest
+
+
+def test_lps_source_round_trip_and_outside_mask_equality(data, tmp_path):
+  _, hosts, _ = volume25d.open_cases(sources.metadata(data["config"]), "train", None, None)
+  case_id = hosts[0]
+  raw = lps_copy(data["raw"], tmp_path / "raw_lps", case_id)
+  _, rows = run(data, tmp_path / "ctx", scenario="context", manual_dir=str(raw))
+  row = next(r for r in rows if r["source_case"] == case_id)
+  src = nib.load(raw / f"{case_id}_ct.nii.gz")
+  assert nib.aff2axcodes(src.affine) == ("L", "P", "S")
+  for kind in ("ct", "seg", "mask"):
+    out = nib.load(tmp_path / "ctx" / row[f"{kind}_file"])
+    assert out.shape == src.shape and np.allclose(out.affine, src.affine, atol=1e-5)
+    assert nib.aff2axcodes(out.affine) == ("L", "P", "S")
+  ct = np.asanyarray(nib.load(tmp_path / "ctx" / row["ct_file"]).dataobj)
+  mask = np.asanyarray(nib.load(tmp_path / "ctx" / row["mask_file"]).dataobj) > 0
+  source = np.asanyarray(src.dataobj)
+  assert ct.dtype == source.dtype and mask.sum() == int(row["mask_voxels"]) > 0
+  assert np.array_equal(ct[~mask], source[~mask])  # bit for bit outside the 3D mask
+  assert np.any(ct[mask] != source[mask])
+  # The LPS copy gives the same volume as the RAS original, flipped back.
+  _, rows_ras = run(data, tmp_path / "ctx_ras", scenario="context")
+  row_ras = next(r for r in rows_ras if r["source_case"] == case_id)
+  ras = np.asanyarray(nib.load(tmp_path / "ctx_ras" / row_ras["ct_file"]).dataobj)
+  assert np.array_equal(ras[::-1, ::-1], ct)
+
+
+def test_same_seed_same_volume_other_seed_differs(data, tmp_path):
+  arrays = {}
+  for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+    _, rows = run(data, tmp_path / name, scenario="organ", seed=seed)
+    arrays[name] = np.asanyarray(nib.load(tmp_path / name / rows[0]["ct_file"]).dataobj)
+  assert np.array_equal(arrays["a"], arrays["b"])
+  assert not np.array_equal(arrays["a"], arrays["c"])
+
+
+def test_2p5d_conditions_on_generated_neighbours(data):
+  """Seed slice: same inputs and noise in both arms; every other slice differs in 2.5D."""
+  config = data["config"]
+  meta = sources.metadata(config)
+  cases, hosts, donors = volume25d.open_cases(meta, "train", None, None)
+  spec = runner.GenerateSpec("organ", seed=0)
+  planner = volume25d.VolumePlanner(meta, config.data, spec, cases, hosts, donors, SIZE,
+                                    SPACING)
+  plan = next(planner.plans(1, 0))
+  ecfg = transforms.ExampleConfig.from_data_config(config.data)
+  both = [volume25d.generate_grids(data["inpainter"], ecfg, [plan], 0, independent=i,
+                                   progress=False)[0] for i in (True, False)]
+  steps = plan.order()
+  seed, rest = steps[0][0], [z for s in steps[1:] for z in s]
+  assert len(rest) >= 2 and sorted(rest + [seed]) == list(
+      np.flatnonzero(plan.mask.any(axis=(1, 2))))
+  assert np.array_equal(both[0][seed], both[1][seed])
+  assert all(not np.array_equal(both[0][z], both[1][z]) for z in rest)
+  outside = ~plan.mask
+  assert np.array_equal(both[1][outside], plan.host.grid_hu[outside])
+
+
+def test_volume_mode_refuses_models_without_neighbours_and_2d_options(data, tmp_path):
+  config = make_config(data["config"].data_dir)
+  config.data.neighbours = False
+  spec = runner.GenerateSpec("tumor", num_samples=1)
+  with pytest.raises(volume25d.VolumeModeError, match="neighbours"):
+    volume25d.generate(config, data["inpainter"], spec, str(tmp_path / "x"))
+  spec = dataclasses.replace(spec, offset="1,2")
+  with pytest.raises(volume25d.VolumeModeError, match="offset"):
+    volume25d.generate(data["config"], data["inpainter"], spec, str(tmp_path / "y"))
+
+
+def test_interslice_difference_and_plane_images():
+  vol = np.zeros((4, 6, 5))
+  vol[2] = 10.0  # one bright slice: |diff| 10 across z=1|2 and z=2|3
+  mask = np.zeros(vol.shape, bool)
+  mask[1:3, 2:4, 1:3] = True  # 4 pixels per slice on z = 1, 2
+  total, n = volume_metrics.interslice_difference(vol, mask)
+  assert n == 3 * 4 and total == 2 * 4 * 10.0
+  box = volume_metrics.bounding_box(mask, margin=(1, 1, 0))
+  planes = volume_metrics.plane_images(vol, box)
+  assert [len(planes[p]) for p in volume_metrics.PLANES] == [4, 4, 2]
+  assert planes["coronal"][0].shape == (4, 2) and planes["sagittal"][0].shape == (4, 4)
+  res = volume_metrics.compare([vol], {"flat": [np.zeros_like(vol)]}, [mask], (-10, 10),
+                               fid=False)
+  assert res["arms"]["real"]["interslice_hu"] == pytest.approx(80 / 12)
+  assert res["arms"]["flat"]["interslice_hu"] == 0.0
