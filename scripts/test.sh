@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh tf,dev
+# apache-beam cannot share .venv (pyproject.toml, the beam extra): the Beam tests use .venv-beam.
+bash scripts/setup_beam.sh
 VENV="${CTDIFF_VENV:-.venv}"
 # -rs: say why each test skipped (missing shared data / FID weights skip locally; under CI=true
 # tests/conftest.py turns those into failures).

@@ -73,8 +73,9 @@ def test_build_like_tfds_build_equals_the_library_build(dummy_data, tmp_path):
 
 
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("apache_beam", "mlcroissant")),
-                    reason="the `tfds` CLI of TFDS 4.9 imports apache_beam and mlcroissant, "
-                           "which the tf extra does not install")
+                    reason="the `tfds` CLI of TFDS 4.9 imports apache_beam and mlcroissant "
+                           "(the beam extra, not in .venv): tests/ingest/test_builder_beam.py "
+                           "runs it in the Beam venv")
 def test_tfds_build_cli(dummy_data, tmp_path):
   launch = ("import sys; from tensorflow_datasets.scripts.cli.main import launch_cli; "
             "sys.argv[0] = 'tfds'; sys.exit(launch_cli())")
