@@ -8,12 +8,15 @@ Stages (each prints its timing; everything lands under --output_dir):
   3. the smoke diffusion models: kidneys (organ masks, organ        runs/diffusion_kidneys/
      scenario), kidney_tumor (lesion masks, tumour scenario),       runs/diffusion_kidney_tumor/
      context (boxes + margin and free shapes on kidneys, context    runs/diffusion_context/
-     scenario), and the smoke Pix2Pix baseline on kidneys           runs/pix2pix_kidneys/
+     scenario), the smoke Pix2Pix baseline on kidneys, and          runs/pix2pix_kidneys/
+     kidney_tumor_volume (+ neighbours, 1/3 steps)  runs/diffusion_kidney_tumor_volume/
   4. the three generation scenarios (organ, context, tumor)         synthetic/<scenario>/
+     and one 2.5D tumour volume (+ the same slice by slice)         synthetic/tumor_volume/
   5. Table 1 on the phantom cohort (Pix2Pix, Diffusion, neighbour)  report/
   6. report/: figure4.png, table1.md, scenarios.md (each scenario vs the ring-mean fill, the
-     tumour's W1 to real lesions vs to the replaced host), training_loss.png, paths to the
-     synthetic datasets.
+     tumour's W1 to real lesions vs to the replaced host), volume25d.{png,md} (the 2.5D
+     volume's three planes; 2.5D FID and inter-slice HU: real, independent slices, 2.5D),
+     training_loss.png, paths to the synthetic datasets.
 
 Defaults fit about 15 minutes on 2 CPU cores; on a GPU/TPU raise --steps, --image_size and
 use the non-smoke configs directly (`python -m ctdiff_jax.train --config=configs/kidneys.py`).
@@ -117,7 +120,8 @@ def _train(configs: dict, runs: dict[str, str], steps: int) -> None:
   """Stage 3: trains (or resumes) every model."""
   from ctdiff_jax.training import trainer  # pylint: disable=g-import-not-at-top
   for i, (name, config) in enumerate(configs.items()):
-    t0 = _stage(f"3/6 training {name} ({i + 1}/{len(configs)}, {steps} steps)")
+    t0 = _stage(f"3/6 training {name} ({i + 1}/{len(configs)}, {config.num_train_steps} "
+                f"steps)")
     trainer.train_and_evaluate(config, runs[name])
     _done(t0)
 
@@ -167,6 +171,37 @@ def _scenario_metrics(report: str, tumor_config, samples: dict) -> str:
   with open(path, "w", encoding="utf-8") as f:
     f.write(sm.markdown(rows, tumor))
   return path
+
+
+# DDIM steps of the 2.5D volume: its slices are generated one step of the chain at a time.
+VOLUME_STEPS = 10
+
+
+def volume_config(module, **kwargs):
+  """The 2.5D tumour model (neighbour-conditioned): a third of the steps, to keep the budget."""
+  config = smoke_config(module, **kwargs)
+  for field in ("num_train_steps", "checkpoint_every_steps", "sample_every_steps"):
+    config[field] = max(kwargs["steps"] // 3, 1)
+  return config
+
+
+def _volume25d(out: str, report: str, config, workdir: str, *, seed: int) -> dict[str, str]:
+  """One 2.5D tumour volume of the test split (and the same volume slice by slice) ->
+  report/volume25d.png (three planes), report/volume25d.md (2.5D FID, inter-slice HU)."""
+  from ctdiff_jax.generation import runner, volume25d  # pylint: disable=g-import-not-at-top
+  t0 = _stage("2.5D: one tumour volume, each slice conditioned on its generated neighbours")
+  spec = runner.GenerateSpec(scenario="tumor", num_samples=1, seed=seed, steps=VOLUME_STEPS,
+                             overwrite=True)
+  summary = volume25d.generate(config, workdir, spec,
+                               os.path.join(out, "synthetic", "tumor_volume"), compare=True,
+                               progress=False)
+  print(volume25d.format_summary(summary), flush=True)
+  paths = {"2.5D volume (three planes)": os.path.join(report, "volume25d.png"),
+           "2.5D FID, inter-slice": os.path.join(report, "volume25d.md")}
+  shutil.copyfile(summary["previews"][0], paths["2.5D volume (three planes)"])
+  shutil.copyfile(summary["metrics_md"], paths["2.5D FID, inter-slice"])
+  _done(t0)
+  return paths
 
 
 def _downstream(out: str, report: str, configs: dict, runs: dict[str, str], *,
@@ -231,7 +266,7 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
         spacing_mm: float, num_samples: int, sampling_steps: int) -> dict[str, str]:
   """Runs every stage; returns the paths of the report's artefacts."""
   # pylint: disable=g-import-not-at-top
-  from configs import context, kidney_tumor, kidneys, pix2pix_kidneys
+  from configs import context, kidney_tumor, kidney_tumor_volume, kidneys, pix2pix_kidneys
   from ctdiff_jax.evaluation import table1
   # pylint: enable=g-import-not-at-top
 
@@ -250,11 +285,14 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
   configs = {"diffusion_kidneys": smoke_config(kidneys, **args),
              "diffusion_kidney_tumor": smoke_config(kidney_tumor, **args),
              "diffusion_context": smoke_config(context, **args),
-             "pix2pix_kidneys": smoke_config(pix2pix_kidneys, **args)}
+             "pix2pix_kidneys": smoke_config(pix2pix_kidneys, **args),
+             "diffusion_kidney_tumor_volume": volume_config(kidney_tumor_volume, **args)}
   runs = {name: os.path.join(out, "runs", name) for name in configs}
   _train(configs, runs, steps)
   synthetic, samples = _generate(out, configs, runs, num_samples=num_samples, seed=seed)
   _scenario_metrics(report, configs["diffusion_kidney_tumor"], samples)
+  volume_paths = _volume25d(out, report, configs["diffusion_kidney_tumor_volume"],
+                            runs["diffusion_kidney_tumor_volume"], seed=seed)
 
   t0 = _stage("5/6 evaluation: Table 1 on the phantom cohort's kidneys test split")
   table1.evaluate(configs["diffusion_kidneys"], runs["diffusion_kidneys"], report,
@@ -265,11 +303,12 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
 
   downstream_paths = _downstream(out, report, configs, runs, num_samples=2 * num_samples,
                                  seed=seed, steps=steps)
-  paths = {**_report(out, report, data_dir, runs, synthetic), **downstream_paths}
+  paths = {**_report(out, report, data_dir, runs, synthetic), **volume_paths,
+           **downstream_paths}
   print(f"\nquickstart finished in {(time.time() - t_all) / 60:.1f} min. Results:")
   for k, v in paths.items():
     print(f"  {k:28s} {v}")
-  for name in ("table1.md", "scenarios.md", "downstream.md", "consistency.md"):
+  for name in ("table1.md", "scenarios.md", "volume25d.md", "downstream.md", "consistency.md"):
     with open(os.path.join(report, name), encoding="utf-8") as f:
       print("\n" + f.read())
   return paths

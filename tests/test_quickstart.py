@@ -47,7 +47,8 @@ def test_quickstart_tiny(tiny_models, fid_source, tmp_path, monkeypatch):
   report = out / "report"
   for name in ("figure4.png", "figure4_context.png", "figure4_tumor.png", "table1.md",
                "table1.csv", "table1.json", "per_slice.csv", "training_loss.png",
-               "scenarios.md", "downstream.md", "downstream.png", "consistency.md"):
+               "scenarios.md", "downstream.md", "downstream.png", "consistency.md",
+               "volume25d.png", "volume25d.md"):
     assert (report / name).is_file() and (report / name).stat().st_size > 0, name
   assert paths["Table 1"] == str(report / "table1.md")
   # Downstream arms x 3 seeds and the mask consistency of both train-split exports.
