@@ -105,6 +105,9 @@ def main(argv: Sequence[str]) -> None:
       blend_px=fl.blend_px, donor_split=fl.donor_split, formats=fl.formats, tfds=fl.tfds,
       volumes=fl.volumes, overwrite=fl.overwrite)
   if fl.volume_mode:  # whole volumes (generation/volume25d.py)
+    if fl.distributed or fl.num_processes is not None or fl.tfds or fl.volumes:
+      raise app.UsageError("--volume_mode=2.5d runs in one process and writes NIfTI volumes: "
+                           "drop --distributed/--num_processes/--tfds/--volumes")
     summary = volume25d.generate(fl.config, checkpoint, spec, fl.output_dir,
                                  manual_dir=fl.manual_dir, compare=fl.volume_metrics)
     print(volume25d.format_summary(summary))

@@ -468,7 +468,7 @@ def check_request(config, spec) -> None:
         f"--volume_mode=2.5d conditions every slice on its (generated) neighbours, but this "
         f"model ({config.dataset}, mask_mode {config.data.mask_mode}) was trained without them "
         f"(data.neighbours=False): use a neighbour-conditioned model (configs/context.py, "
-        f"configs/kidney_tumor.py, or train with --config.data.neighbours=True)")
+        f"configs/kidney_tumor_volume.py, or train with --config.data.neighbours=True)")
   for name, why in (("mask_file", "a 2D mask"), ("offset", "a 2D offset")):
     if getattr(spec, name) is not None:
       raise VolumeModeError(f"--{name} is {why}: not used with --volume_mode=2.5d (the "
