@@ -11,11 +11,13 @@ fail under CI=true (conftest.missing_resource).
 from __future__ import annotations
 
 import csv
+import fcntl
 import importlib.util
 import json
 import os
 import pathlib
 import subprocess
+import tempfile
 
 from array_record.python import array_record_module
 import pytest
@@ -75,13 +77,8 @@ def _tfds_build(manual_dir: pathlib.Path, data_dir: pathlib.Path, *extra: str):
       capture_output=True, text=True, timeout=900, check=False, cwd=data_dir.parent)
 
 
-@pytest.fixture(name="runs", scope="module")
-def _runs(tmp_path_factory, totalseg_dir) -> dict:
-  """All builds, once: Beam ones in the Beam venv, local ones here."""
-  if not BEAM_PYTHON.exists():
-    missing_resource(f"no Beam venv python at {BEAM_PYTHON}: run `bash scripts/setup_beam.sh` "
-                     "(or set CTDIFF_BEAM_PYTHON)")
-  root = tmp_path_factory.mktemp("beam")
+def _run_all(root: pathlib.Path, totalseg_dir: pathlib.Path) -> dict:
+  """All builds (JSON-able results): Beam ones in the Beam venv, local ones here."""
   raw = _write_cohort(root, totalseg_dir)
   skip = {"skip_bad_cases": True}
   specs = [
@@ -93,12 +90,35 @@ def _runs(tmp_path_factory, totalseg_dir) -> dict:
   beam_skip, beam_error = _beam_builds(specs)
   cli = {"beam": _tfds_build(raw["good"], root / "cli_beam", f"--beam_pipeline_options={DIRECT}"),
          "local": _tfds_build(raw["good"], root / "cli_local")}
+  cli = {mode: [proc.returncode, proc.stderr[-3000:]] for mode, proc in cli.items()}
   local_skip = ingest_build.build(CONFIG, raw["bad"], root / "local_skip", **skip)
   local_good = ingest_build.build(CONFIG, raw["good"], root / "local_good")
   with pytest.raises(volumes.VolumeError) as local_error:
     ingest_build.build(CONFIG, raw["bad"], root / "local_error")
-  return dict(root=root, beam_skip=beam_skip, beam_error=beam_error, cli=cli,
-              local_skip=local_skip, local_good=local_good, local_error=local_error.value)
+  return dict(root=str(root), beam_skip=beam_skip, beam_error=beam_error, cli=cli,
+              local_skip=local_skip, local_good=local_good, local_error=str(local_error.value))
+
+
+@pytest.fixture(name="runs", scope="module")
+def _runs(tmp_path_factory, totalseg_dir) -> dict:
+  """_run_all once per test session, also when pytest-xdist runs this module's tests on
+  several workers: the first one builds, the others wait for and read its results."""
+  if not BEAM_PYTHON.exists():
+    missing_resource(f"no Beam venv python at {BEAM_PYTHON}: run `bash scripts/setup_beam.sh` "
+                     "(or set CTDIFF_BEAM_PYTHON)")
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    runs = _run_all(tmp_path_factory.mktemp("beam"), totalseg_dir)
+  else:
+    shared = tmp_path_factory.getbasetemp().parent / "beam_builds"  # this session's, all workers'
+    shared.mkdir(exist_ok=True)
+    with open(shared.with_suffix(".lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      done = shared / "runs.json"
+      if not done.exists():
+        attempt = pathlib.Path(tempfile.mkdtemp(dir=shared))  # a failed one's files stay apart
+        done.write_text(json.dumps(_run_all(attempt, totalseg_dir)))
+      runs = json.loads(done.read_text())
+  return dict(runs, root=pathlib.Path(runs["root"]))
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -174,7 +194,7 @@ def test_beam_build_writes_the_local_records_and_counts_skips(runs):
 def test_beam_build_stops_at_a_bad_case_like_the_local_build(runs):
   kind, message = runs["beam_error"]["error"]
   assert kind == "VolumeError"
-  assert message == str(runs["local_error"])
+  assert message == runs["local_error"]
   assert message.startswith(f"case {BAD!r}") and "--skip_bad_cases" in message
   # Nothing left under the final name: the failed build wrote no dataset.
   assert not list((runs["root"] / "beam_error").glob("ct_slices/*/1.0.0"))
@@ -183,8 +203,8 @@ def test_beam_build_stops_at_a_bad_case_like_the_local_build(runs):
 @pytest.mark.parametrize("mode", ["local", "beam"])
 def test_tfds_build_cli(runs, mode):
   """`tfds build data_builders/ct_slices` ([tf,beam] venv), with and without Beam options."""
-  proc = runs["cli"][mode]
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  returncode, stderr = runs["cli"][mode]
+  assert returncode == 0, stderr
   assert _records(runs["root"] / f"cli_{mode}") == _records(runs["root"] / "local_good")
   assert sum(runs["local_good"]["slices"].values()) > 0
 
