@@ -40,6 +40,10 @@ Every FID carries its image counts (n1 real, n2 generated) and, with eval.bootst
 paired bootstrap std and 95% interval (real and generated rows are the same slices: one
 index vector resamples both). FID is biased upward at small N and unstable: the table flags
 N < 2048 beside every such FID; compare FIDs only at equal N.
+MR / PET (config.modality): every image is first taken to the modality's normalised value
+(`eval_scale`: MR (value - p0.5) / (p99.5 - p0.5) of its own case, PET log(1 + SUV)), so the
+FID window (configs/kidneys_mr.py: (0, 1)) is a per-volume percentile window and MAE / W1
+are in that unit (`settings.intensity_unit`), not HU.
 The row names its data: `data_label` (argument, else config.eval.data_label when set, else
 derived from the dataset's build summary) and `phantom` (whether the slices come from the
 procedural phantom cohort: its manifest.csv in the build's manual_dir; None when unknown).
@@ -63,7 +67,9 @@ from ctdiff_jax.data import sources
 from ctdiff_jax.data import transforms
 from ctdiff_jax.evaluation import evaluators
 from ctdiff_jax.evaluation import fid
+from ctdiff_jax.evaluation import tables
 from ctdiff_jax.generation import scenarios
+from ctdiff_jax.ingest import modality as modality_lib
 from ctdiff_jax.ingest import records
 # Re-exported: the table API and crops have always been reachable as table1.<name>.
 # pylint: disable=unused-import
@@ -193,9 +199,21 @@ def load_models(config, workdir: str, pix2pix_config=None,
   return models
 
 
+def eval_scale(images: np.ndarray, part) -> np.ndarray:
+  """[N, H, W] stored images of a chunk in the metrics' scale: CT HU as they are; MR / PET
+  the normalised value of each slice's own case (ingest/modality.py)."""
+  images = np.asarray(images)
+  if getattr(part, "modality", modality_lib.CT) == modality_lib.CT:
+    return images
+  scale = np.asarray(part.value_scale, np.float64)[:, None, None]
+  ref = np.asarray(part.intensity_ref, np.float64)
+  return modality_lib.normalise(images * scale, part.modality,
+                                (ref[:, 0, None, None], ref[:, 1, None, None]))
+
+
 def _batch(part, index: np.ndarray, margin_mm: float) -> Batch:
   """The real side of a chunk of generation samples (generated = real)."""
-  real = np.asarray(part.image_hu)[..., 0]
+  real = eval_scale(np.asarray(part.image_hu)[..., 0], part)
   mask = np.asarray(part.mask)[..., 0] > 0
   spacing = [transforms.pixel_spacing({records.SPACING_MM: s}, 0.0) for s in part.spacing_mm]
   boxes = [crop_box(m, s, margin_mm) for m, s in zip(mask, spacing)]
@@ -220,8 +238,10 @@ def predict(models: Mapping[str, tuple[Any, Any]], selection: Selection, *,
       if i == 0:
         yield "real", base
         yield "neighbour", dataclasses.replace(
-            base, generated=neighbour_hu(part.image_hu, part.prev_hu, part.next_hu))
-      yield name, dataclasses.replace(base, generated=np.asarray(part.generated_hu)[..., 0])
+            base, generated=eval_scale(neighbour_hu(part.image_hu, part.prev_hu, part.next_hu),
+                                       part))
+      yield name, dataclasses.replace(
+          base, generated=eval_scale(np.asarray(part.generated_hu)[..., 0], part))
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -236,7 +256,9 @@ def _check_fid_weights(weights) -> None:
 
 def _settings(config, selection: Selection, num_samples: int, seed: int) -> dict[str, Any]:
   planner = selection.planner
+  modality = sources.config_modality(config)
   return {"fid_window": [float(v) for v in config.eval.fid_window],
+          "modality": modality, "intensity_unit": modality_lib.UNITS[modality],
           "crop_size": int(config.eval.crop_size),
           "crop_margin_mm": float(config.eval.crop_margin_mm),
           "bootstrap": int(config.eval.bootstrap), "seed": int(seed),
@@ -300,6 +322,8 @@ def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=Non
                      f"{len(selection)} slice(s) with the organ; FID needs at least 2")
   settings = _settings(config, selection, num_samples, seed)
   pad_hu = float(selection.planner.meta.get("pad_hu", transforms.AIR_HU))
+  if settings["modality"] != modality_lib.CT:
+    pad_hu = 0.0  # air in the normalised scale (MR: about p0.5, PET: SUV 0)
   fid_batch = int(config.eval.fid_batch_size) * jax.local_device_count()
   columns = make_columns(models, settings, pad_hu, fid_batch, fid_weights)
   pairs = evaluators.DisjointPairs()  # the neighbour column's disjoint (slice, neighbour) pairs
@@ -314,7 +338,7 @@ def evaluate(config, workdir: str, output_dir: str | None, *, pix2pix_config=Non
   row = _row(config, split, selection, columns, models, settings, pairs.positions, data)
   if output_dir is not None:
     write_tables([row], output_dir)
-    _write_per_slice(columns, pathlib.Path(output_dir) / "per_slice.csv")
+    _write_per_slice(columns, pathlib.Path(output_dir) / "per_slice.csv", settings["modality"])
   return row
 
 
@@ -364,12 +388,13 @@ def _row(config, split: str, selection: Selection, columns, models,
   }
 
 
-def _write_per_slice(columns, path: pathlib.Path) -> None:
+def _write_per_slice(columns, path: pathlib.Path, modality: str = "ct") -> None:
   """per_slice.csv: one line per slice (every column holds the slices in the same order)."""
   per_slice = dict(columns["real"]["slices"].values)
   for name, cols in columns.items():
-    if "metrics" in cols:
-      per_slice.update({f"{name}_{k}": v for k, v in cols["metrics"].values.items()})
+    if "metrics" in cols:  # mae_hu is named in the modality's unit (tables.unit_name)
+      per_slice.update({tables.unit_name(f"{name}_{k}", modality): v
+                        for k, v in cols["metrics"].values.items()})
   keys = list(per_slice)
   with open(path, "w", newline="") as f:
     w = csv.writer(f)

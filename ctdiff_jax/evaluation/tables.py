@@ -6,6 +6,11 @@ data (`data_label`, and whether it is the phantom cohort). `merge_tables` concat
 rows of several table1.json files; rows with the same key (organ, dataset, split, N) appear
 once, the later file's row replacing the earlier one in the earlier one's place (re-running
 an organ and merging again updates it rather than duplicating it).
+
+Units: rows of MR / PET models (settings.modality) hold MAE / W1 in their normalised unit
+(settings.intensity_unit, e.g. the p0.5-p99.5 range), not HU: the Markdown titles and the CSV
+column names say that unit (`mae_prange`, `w1_prange`); the JSON keeps the keys mae_hu / w1_hu
+with settings.intensity_unit beside them. Rows of different modalities share no table.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import json
 import math
 import os
 import pathlib
+import re
 from typing import Any, Mapping, Sequence
+
+from ctdiff_jax.ingest import modality as modality_lib
 
 # The column vocabulary of Table 1 (the evaluators fill these keys).
 FID_KINDS = ("fid_whole", "fid_crop")
@@ -50,8 +58,26 @@ def _finite_or_none(x):
   return x
 
 
-def csv_columns() -> list[str]:
-  """Column names of table1.csv."""
+def table_modality(rows: Sequence[Mapping[str, Any]]) -> str:
+  """The one modality of the rows (rows before modalities are CT); ValueError if mixed."""
+  found = sorted({modality_lib.check((r.get("settings") or {}).get("modality")) for r in rows})
+  if len(found) > 1:
+    raise ValueError(f"Table 1 rows of different modalities ({', '.join(found)}) cannot share a "
+                     "table: their MAE / W1 / FID windows are in different units")
+  return found[0] if found else modality_lib.CT
+
+
+def unit_name(key: str, modality: str) -> str:
+  """A CSV column name with the modality's unit tag in place of `hu` (mae_hu -> mae_prange)."""
+  return re.sub(r"_hu(?=_|$)", "_" + modality_lib.UNIT_TAGS[modality], key)
+
+
+def csv_columns(modality: str = modality_lib.CT) -> list[str]:
+  """Column names of table1.csv (HU columns renamed to the modality's unit)."""
+  return [unit_name(c, modality) for c in _csv_columns()]
+
+
+def _csv_columns() -> list[str]:
   cols = list(ROW_FIELDS)
   for m in METHODS:
     for k in FID_KINDS:
@@ -119,7 +145,8 @@ def data_title(rows: Sequence[Mapping[str, Any]]) -> str:
   labels = list(dict.fromkeys(str(r.get("data_label") or "unnamed data") for r in rows))
   s = ", ".join(labels)
   if any(r.get("phantom") for r in rows):
-    s += " (procedural phantom CT, not real CT)"
+    name = modality_lib.NAMES[table_modality(rows)]
+    s += f" (procedural phantom {name}, not real {name})"
   return s
 
 
@@ -139,12 +166,14 @@ def _fmt_metric(r: Mapping[str, Any] | None, fmt: str) -> str:
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   """Table 1 in Markdown: organ rows; Pix2Pix | Diffusion | Neighbouring slice columns."""
+  unit = modality_lib.UNITS[table_modality(rows)]
+  titles = {k: v.replace("(HU)", f"({unit})") for k, v in METRIC_TITLES.items()}
   head = ["Organ", "N", "Data"]
   for m in METHODS:
     head += [f"{METHOD_TITLES[m]} {FID_TITLES[k]}" for k in FID_KINDS]
-    head.append(f"{METHOD_TITLES[m]} W1 (HU)")
+    head.append(f"{METHOD_TITLES[m]} W1 ({unit})")
     if m in GENERATIVE:
-      head += [f"{METHOD_TITLES[m]} {METRIC_TITLES[k]}" for k in IMAGE_METRICS]
+      head += [f"{METHOD_TITLES[m]} {titles[k]}" for k in IMAGE_METRICS]
   lines = [f"# Table 1: organ inpainting on {data_title(rows)}", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
@@ -157,7 +186,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cells += [_fmt_metric(entry.get(k), METRIC_FORMATS[k]) for k in IMAGE_METRICS]
     lines.append("| " + " | ".join(cells) + " |")
   lines += _equal_n_table(rows)
-  lines += ["", *_footnotes(rows[0].get("settings", {}) if rows else {})]
+  lines += ["", *_footnotes(rows[0].get("settings", {}) if rows else {}, unit)]
   warnings = [w for row in rows for w in row.get("warnings", [])]
   if warnings:
     lines += ["", "**Warning:** " + " ".join(warnings)]
@@ -184,8 +213,8 @@ def _equal_n_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   return lines
 
 
-def _footnotes(settings: Mapping[str, Any]) -> list[str]:
-  return [
+def _footnotes(settings: Mapping[str, Any], unit: str = "HU") -> list[str]:
+  notes = [
       "N: slices with the organ; every FID compares N real slices with the N images of the "
       "method (N=real/generated where different). ± is the std and [..] the 95% interval of "
       f"a paired bootstrap ({settings.get('bootstrap')} resamples, seed "
@@ -204,6 +233,11 @@ def _footnotes(settings: Mapping[str, Any]) -> list[str]:
       "run of consecutive slices), so real and neighbour sets share no image; its N is "
       "smaller than the row's N: compare it with the methods at equal N (the second table).",
   ]
+  if unit != "HU":  # MR / PET: every value is in the normalised unit, per case
+    notes[1] = notes[1].replace("HU", unit) + (
+        f" {unit}: each slice's values normalised by its own case (MR: (value - p0.5) / "
+        "(p99.5 - p0.5) of the body, so the window (0, 1) is a per-volume percentile window).")
+  return notes
 
 
 def write_tables(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike) -> dict:
@@ -215,11 +249,12 @@ def write_tables(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLik
   rows = [_finite_or_none(dict(r)) for r in rows]
   paths = {name: out / name for name in TABLE_FILES}
   paths["table1.md"].write_text(markdown_table(rows))
+  modality = table_modality(rows)
   with open(paths["table1.csv"], "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=csv_columns())
+    w = csv.DictWriter(f, fieldnames=csv_columns(modality))
     w.writeheader()
     for row in rows:
-      w.writerow(_csv_row(row))
+      w.writerow({unit_name(k, modality): v for k, v in _csv_row(row).items()})
   paths["table1.json"].write_text(json.dumps({"table": "table1", "rows": rows}, indent=2,
                                              allow_nan=False) + "\n")
   return {k: str(v) for k, v in paths.items()}

@@ -14,7 +14,9 @@ Per sample i: the mask and tumour placement come from (seed, i) (scenarios.Plann
 diffusion noise from (seed, chunk, batch, position in batch), i.e. from (seed, i) for a
 given per-device batch size and device count. The generated HU are
 rint(unit_to_hu(model output)) inside the mask and the source record's int16 HU outside it,
-bit for bit.
+bit for bit. MR / PET (config.data.modality): the same in the records' stored int16 of the
+source scan's scale (transforms.unit_to_stored with the record's value_scale and intensity
+reference), carried per sample in Samples.value_scale / intensity_ref for the exporters.
 
 Export layout, NIfTI orientation and the TFDS export: see ctdiff_jax/generation/export/.
 
@@ -102,6 +104,10 @@ class Samples:
   generated_hu: np.ndarray  # int16: generated inside the mask, source HU outside
   info: list[dict[str, Any]]  # per sample scenario details (tumour donor, offset, ...)
   run: dict[str, Any] = dataclasses.field(default_factory=dict)  # checkpoint, skipped, ...
+  # MR / PET: source value = stored int16 * value_scale [N]; the case's (lo, hi) [N, 2].
+  value_scale: np.ndarray | None = None
+  intensity_ref: np.ndarray | None = None
+  modality: str = "ct"  # of the source records (ctdiff_jax/ingest/modality.py)
 
   def __len__(self) -> int:
     return len(self.index)
@@ -115,6 +121,8 @@ class Samples:
       values = [getattr(p, f.name) for p in parts]
       if f.name == "run":
         kw[f.name] = dict(parts[-1].run)
+      elif values[0] is None or isinstance(values[0], str):
+        kw[f.name] = values[0]
       elif isinstance(values[0], list):
         kw[f.name] = list(itertools.chain.from_iterable(values))
       else:
@@ -163,7 +171,22 @@ def make_planner(config, spec: GenerateSpec, *, progress: bool = True
   return planner, meta, split
 
 
-def _samples(jobs: list[scenarios.Job], generated: np.ndarray, intensity) -> Samples:
+def _pasted(jobs: list[scenarios.Job], generated: np.ndarray, image: np.ndarray,
+            mask: np.ndarray, ecfg: transforms.ExampleConfig) -> dict[str, Any]:
+  """generated_hu (+ value_scale, intensity_ref for MR / PET) of a chunk."""
+  if ecfg.modality == "ct":
+    return {"generated_hu": paste_hu(generated, image, mask, ecfg.intensity)}
+  params = [transforms.intensity_params(j.record, ecfg.modality) for j in jobs]
+  stored = np.stack([transforms.unit_to_stored(g, scale, ref, ecfg)
+                     for g, (scale, ref) in zip(generated, params)])
+  return {"generated_hu": np.where(np.asarray(mask) > 0, stored, image),
+          "value_scale": np.array([p[0] for p in params], np.float32),
+          "intensity_ref": np.array([p[1] for p in params], np.float32),
+          "modality": ecfg.modality}
+
+
+def _samples(jobs: list[scenarios.Job], generated: np.ndarray,
+             ecfg: transforms.ExampleConfig) -> Samples:
   stack = lambda key: np.stack([np.asarray(j.record[key]).reshape(generated.shape[1:])
                                 for j in jobs])
   image_hu = stack(records.IMAGE).astype(np.int16)
@@ -183,8 +206,8 @@ def _samples(jobs: list[scenarios.Job], generated: np.ndarray, intensity) -> Sam
       labels=np.stack([j.labels for j in jobs]).astype(np.uint8)[..., None],
       mask=mask,
       generated=np.asarray(generated, np.float32),
-      generated_hu=paste_hu(generated, image_hu, mask, intensity),
       info=[dict(j.info) for j in jobs],
+      **_pasted(jobs, generated, image_hu, mask, ecfg),
   )
 
 
@@ -222,7 +245,7 @@ def iter_samples(config, inpainter: inference.Inpainter, planner: scenarios.Plan
       done += len(part)
       bar.update(len(part))
       bar.set_postfix(slices_per_s=f"{done / max(time.time() - t0, 1e-9):.2f}")
-      yield _samples(part, generated, ecfg.intensity)
+      yield _samples(part, generated, ecfg)
   finally:
     bar.close()
 
@@ -261,8 +284,16 @@ def _run_info(config, inpainter, planner, meta, split):
   }
 
 
-def display_window(config) -> tuple[float, float]:
-  """The HU window of the previews and Figure 4 (the FID window when the config has one)."""
+def display_window(config, source=None) -> tuple[float, float]:
+  """The HU window of the previews and Figure 4 (the FID window when the config has one).
+
+  MR / PET (whose FID window is in normalised units): the first record of `source`'s intensity
+  reference in stored units (one window for the export; cases differ in scale).
+  """
+  modality = sources.config_modality(config)
+  if modality != "ct" and source is not None and len(source):
+    scale, (lo, hi) = transforms.intensity_params(source[0], modality)
+    return (lo / scale, hi / scale)
   if "eval" in config:
     return tuple(config.eval.fid_window)
   return (float(config.data.intensity_hu[0]), float(config.data.intensity_hu[-1]))
@@ -311,7 +342,7 @@ def _export(config, checkpoint, spec: GenerateSpec, output_dir: str, request, *,
   run = _run_info(config, inpainter, planner, meta, split)
   exporter = export.Exporter(
       output_dir, meta, stop - first, formats=spec.formats, tfds=spec.tfds,
-      volumes=spec.volumes, display_window=display_window(config),
+      volumes=spec.volumes, display_window=display_window(config, planner.source),
       provenance={k: v for k, v in run.items() if k != "skipped"}, request=request,
       overwrite=spec.overwrite, part=shard is not None)
   t_gen = time.time()

@@ -111,6 +111,9 @@ class Spool:
       self.meta.append({"case": samples.case_id[j], "slice": int(samples.slice_index[j]),
                         "round": int(samples.round[j]),
                         "spacing": np.asarray(samples.spacing_mm[j], np.float32)})
+      if getattr(samples, "value_scale", None) is not None:  # MR / PET: the source scale
+        self.meta[-1].update(value_scale=np.float32(samples.value_scale[j]),
+                             intensity_ref=np.asarray(samples.intensity_ref[j], np.float32))
 
   def close(self) -> None:
     for a in self.arrays.values():

@@ -42,8 +42,12 @@ def slice_affine(spacing_mm: Sequence[float], shape_hw: tuple[int, int],
 
 
 def save_nifti(path: str, slices_hw: np.ndarray, spacing_mm: Sequence[float],
-               first_slice_index: int, dtype) -> None:
-  """Writes record-layout slices (Z, H, W), z = first_slice_index.., as a RAS+ NIfTI."""
+               first_slice_index: int, dtype, scale: float = 1.0) -> None:
+  """Writes record-layout slices (Z, H, W), z = first_slice_index.., as a RAS+ NIfTI.
+
+  `scale` != 1 (MR / PET records' value_scale) goes into the header's scl_slope, so readers
+  (nibabel's get_fdata) see the source scan's values.
+  """
   arr = np.asarray(slices_hw)
   if arr.ndim != 3:
     raise ValueError(f"save_nifti: expected (Z, H, W) slices, got shape {arr.shape}")
@@ -51,6 +55,8 @@ def save_nifti(path: str, slices_hw: np.ndarray, spacing_mm: Sequence[float],
   affine = slice_affine(spacing_mm, arr.shape[1:3], first_slice_index)
   img = nib.Nifti1Image(vol, affine)
   img.set_data_dtype(dtype)
+  if float(scale) != 1.0:
+    img.header.set_slope_inter(float(scale), 0.0)
   img.set_qform(affine, code=1)
   img.set_sform(affine, code=1)
   img.header.set_xyzt_units("mm", "sec")
@@ -64,14 +70,20 @@ SLICE_FILES = {"ct_file": ("_ct.nii.gz", "generated_hu", np.int16),
 
 
 class NiftiExporter(base.Exporter):
-  """<stem>_ct.nii.gz (HU int16), _seg.nii.gz (labels uint8), _mask.nii.gz (0/1 uint8)."""
+  """<stem>_ct.nii.gz (HU int16), _seg.nii.gz (labels uint8), _mask.nii.gz (0/1 uint8).
+
+  MR / PET keep the `_ct` file name (the manifest's ct_file column) with the source scale in
+  the image's scl_slope (Samples.value_scale).
+  """
 
   files = {column: suffix for column, (suffix, _, _) in SLICE_FILES.items()}
 
   def add(self, samples) -> None:
     for j in self.todo(samples):
       name = base.sample_stem(samples, j)
+      scales = getattr(samples, "value_scale", None)
       for suffix, field, dtype in SLICE_FILES.values():
+        scale = 1.0 if scales is None or field != "generated_hu" else float(scales[j])
         save_nifti(self.target.path(name + suffix), getattr(samples, field)[j][None, ..., 0],
-                   samples.spacing_mm[j], int(samples.slice_index[j]), dtype)
+                   samples.spacing_mm[j], int(samples.slice_index[j]), dtype, scale)
         self.slice_files += 1

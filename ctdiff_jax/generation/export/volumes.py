@@ -49,13 +49,17 @@ class VolumeExporter(base.Exporter):
       zs = [self.spool.meta[k]["slice"] for k in ks]
       z0, nz = min(zs), max(zs) - min(zs) + 1
       spacing = self.spool.meta[ks[0]]["spacing"]
+      scale = float(self.spool.meta[ks[0]].get("value_scale", 1.0))  # MR / PET: per case
       for kind, (field, dtype, fill) in KINDS.items():
         arr = self.spool.arrays[field]
+        if kind == "ct" and "value_scale" in self.spool.meta[ks[0]]:
+          fill = 0  # MR / PET air (ingest/modality.py AIR)
         vol = np.full((nz,) + arr.shape[1:3], fill, dtype)
         for k, z in zip(ks, zs):
           vol[z - z0] = arr[k, ..., 0]
         name = f"{base.safe_name(case)}_r{rnd}_{kind}.nii.gz"
-        nifti.save_nifti(os.path.join(root, name), vol, spacing, z0, dtype)
+        nifti.save_nifti(os.path.join(root, name), vol, spacing, z0, dtype,
+                         scale if kind == "ct" else 1.0)
         written.append(os.path.join(final, name))
     base.replace_dir(root, final)
     return {"volumes": written}
