@@ -233,3 +233,21 @@ def test_bad_input_errors(tmp_path):
     phantom.generate_case(0, (64, 64))
   with pytest.raises(TypeError, match="seed"):
     phantom.generate_case("abc")
+
+
+def test_mr_mode_is_t1_like_on_the_same_anatomy():
+  """--modality=mr: the CT case's anatomy, T1 contrast (fat bright, fluid dark), no HU."""
+  ct, seg_ct, _ = phantom.generate_case(phantom.case_rng(3, 2), SMALL_GRID, SMALL_SPACING)
+  mr, seg, aff, tissues = phantom.generate_case(phantom.case_rng(3, 2), SMALL_GRID,
+                                                SMALL_SPACING, modality="mr",
+                                                return_tissues=True)
+  np.testing.assert_array_equal(seg, seg_ct)  # same draws up to the image: same anatomy
+  assert mr.dtype == np.int16 and mr.min() >= 0  # magnitude, arbitrary units
+  core = ndimage.binary_erosion(np.ones_like(tissues, bool), CUBE)  # away from the blur edge
+  mean = {t: float(mr[(tissues == phantom.TISSUE_IDS[t]) & core].mean())
+          for t in ("subcutaneous_fat", "liver", "kidney_cortex", "spleen", "muscle", "air")}
+  assert mean["subcutaneous_fat"] > mean["liver"] > mean["spleen"] > mean["air"]
+  assert mean["liver"] > mean["kidney_cortex"] > mean["air"] and mean["muscle"] < mean["liver"]
+  assert not np.array_equal(mr, ct)
+  with pytest.raises(ValueError, match="modality"):
+    phantom.generate_case(0, SMALL_GRID, SMALL_SPACING, modality="pet")
