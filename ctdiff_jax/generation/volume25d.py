@@ -29,8 +29,9 @@ Output (output_dir): volumes/<case>_r<k>_{ct,seg,mask}.nii.gz (seg: the dataset'
 0 background, 1..K the organs; the placed tumour = the lesion id), previews/<case>_r<k>.png
 (axial, coronal, sagittal through the mask centre: source row, generated row with the mask
 outline), manifest.csv (one row per volume). Noise of slice z of volume i comes from
-(seed, i * Z_STRIDE + z) (Inpainter.inpaint), the tumour choice and placement from
-np.random.default_rng((seed, i)): the same seed gives the same volumes whatever the batching.
+(seed, (i * MAX_PASSES + pass) * Z_STRIDE + z) (Inpainter.inpaint), the tumour choice and
+placement from np.random.default_rng((seed, i)): the same seed gives the same volumes
+whatever the batching.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ from ctdiff_jax.ingest import volumes
 
 # --volume_mode values ("" = the per-slice export).
 VOLUME_MODES = ("2.5d",)
-# Noise index of slice z of volume i: i * Z_STRIDE + z (volumes have fewer slices).
+# Noise index of slice z of volume i in pass p: (i * MAX_PASSES + p) * Z_STRIDE + z (volumes
+# have fewer slices than Z_STRIDE).
 Z_STRIDE = 4096
+MAX_PASSES = 2  # generate_grids: the outward pass, then optionally one more over every slice
 # Donor tumours tried per host volume before it counts as "nothing fits".
 MAX_TUMOR_TRIES = 20
 MANIFEST_COLUMNS = (
@@ -152,10 +155,13 @@ class VolumePlan:
   labels: np.ndarray  # (Z, S, S) uint8, the synthetic label map
   info: dict[str, Any]
 
-  def order(self) -> list[list[int]]:
-    """Generation steps: [[seed z], [seed+1, seed-1], [seed+2, seed-2], ...] (mask slices)."""
+  def order(self, kind: str = "outward") -> list[list[int]]:
+    """Generation steps of the mask slices. outward: [[seed z], [seed+1, seed-1],
+    [seed+2, seed-2], ...]; interleaved: [every other mask slice, the ones between]."""
     area = self.mask.sum(axis=(1, 2))
     zs = np.flatnonzero(area)
+    if kind == "interleaved":
+      return [s for s in ([int(z) for z in zs[::2]], [int(z) for z in zs[1::2]]) if s]
     # The largest mask area; among equal ones (a box) the most central: shortest chains.
     ties = zs[area[zs] == area[zs].max()]
     seed = int(ties[np.argmin(np.abs(ties - (zs[0] + zs[-1]) / 2))])
@@ -338,28 +344,32 @@ def _record(cur: np.ndarray, plan: VolumePlan, z: int) -> dict[str, Any]:
 
 
 def generate_grids(inpainter, ecfg: transforms.ExampleConfig, plans: Sequence[VolumePlan],
-                   seed: int, *, independent: bool = False,
-                   progress: bool = True) -> list[np.ndarray]:
+                   seed: int, *, independent: bool = False, passes: int = 1,
+                   order: str = "outward", progress: bool = True) -> list[np.ndarray]:
   """The generated (Z, S, S) int16 HU volume of every plan (source HU outside its mask).
 
   2.5D (default): the steps of VolumePlan.order, every volume's step k in one batch; each
-  step reads the neighbours as generated so far. independent: all mask slices in one pass
-  with the real neighbours.
+  step reads the neighbours as generated so far; `passes=2` then regenerates every slice in
+  the same order, now with both neighbours generated. independent: all mask slices in one
+  pass with the real neighbours.
   """
+  if not 1 <= passes <= MAX_PASSES:
+    raise VolumeModeError(f"passes must be 1..{MAX_PASSES}, got {passes}")
   cur = [p.host.grid_hu.copy() for p in plans]
-  orders = [p.order() for p in plans]
+  orders = [p.order(order) for p in plans]
   if independent:
-    orders = [[sorted(z for step in o for z in step)] for o in orders]
-  total = sum(len(s) for o in orders for s in o)
+    orders, passes = [[sorted(z for step in o for z in step)] for o in orders], 1
+  total = passes * sum(len(s) for o in orders for s in o)
   bar = tqdm.tqdm(total=total, desc="generating volumes (independent slices)" if independent
                   else "generating volumes (2.5D)", unit="slice", disable=not progress)
-  for k in range(max(len(o) for o in orders)):
+  for p, k in [(p, k) for p in range(passes) for k in range(max(len(o) for o in orders))]:
     jobs = [(j, z) for j, o in enumerate(orders) if k < len(o) for z in o[k]]
     examples = [transforms.example_with_mask(_record(cur[j], plans[j], z), ecfg,
                                              plans[j].mask[z]) for j, z in jobs]
     batch = {key: np.stack([e[key] for e in examples]) for key in ("image", "mask", "cond")}
     out = inpainter.inpaint(batch, seed, progress=False,
-                            indices=[plans[j].index * Z_STRIDE + z for j, z in jobs])
+                            indices=[(plans[j].index * MAX_PASSES + p) * Z_STRIDE + z
+                                     for j, z in jobs])
     hu = np.rint(transforms.unit_to_hu(np.asarray(out[..., 0], np.float64), ecfg.intensity))
     hu = np.clip(hu, -32768, 32767).astype(np.int16)
     for (j, z), h in zip(jobs, hu):

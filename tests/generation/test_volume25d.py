@@ -161,6 +161,17 @@ def test_2p5d_conditions_on_generated_neighbours(data):
   assert all(not np.array_equal(both[0][z], both[1][z]) for z in rest)
   outside = ~plan.mask
   assert np.array_equal(both[1][outside], plan.host.grid_hu[outside])
+  # Interleaved: every other slice sees real neighbours (= independent), the rest generated.
+  inter = volume25d.generate_grids(data["inpainter"], ecfg, [plan], 0, order="interleaved",
+                                   progress=False)[0]
+  first, second = plan.order("interleaved")
+  assert all(np.array_equal(inter[z], both[0][z]) for z in first)
+  assert all(not np.array_equal(inter[z], both[0][z]) for z in second)
+  # A second pass regenerates every mask slice (new noise, generated neighbours on both sides).
+  two = volume25d.generate_grids(data["inpainter"], ecfg, [plan], 0, passes=2,
+                                 progress=False)[0]
+  assert all(not np.array_equal(two[z], both[1][z]) for z in rest + [seed])
+  assert np.array_equal(two[outside], plan.host.grid_hu[outside])
 
 
 def test_volume_mode_refuses_models_without_neighbours_and_2d_options(data, tmp_path):
