@@ -9,12 +9,17 @@ parts and the merge):
 - independent jobs (`--num_processes=P --process_id=p`, e.g. a job array; no coordinator):
   each job writes its part, `generate --merge` joins them once all are done.
 Each process uses its own local devices (inference.Inpainter); generation needs no
-collectives, only the barrier does (CPU: jax's default gloo collectives).
+collectives. The barrier is the coordination service's (orbax's barrier function), not a
+device collective: gloo's all-gather gives up when the processes arrive more than ~30 s apart
+(measured), and parts finish minutes or hours apart.
 """
 
 from __future__ import annotations
 
 import jax
+
+# How long the processes that are done wait for the others (and for the merge).
+BARRIER_TIMEOUT_S = 7 * 24 * 3600
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -31,7 +36,7 @@ def current():
   return parts.Shard(jax.process_index(), count, distributed=count > 1)
 
 
-def barrier(name: str) -> None:
-  """Waits until every process of the jax.distributed run got here."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  multihost_utils.sync_global_devices(name)
+def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+  """Waits until every process of the jax.distributed run got to the barrier `name`."""
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))

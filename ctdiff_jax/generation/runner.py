@@ -323,10 +323,13 @@ def generate(config, checkpoint, spec: GenerateSpec, output_dir: str, *,
     summary = _export(config, checkpoint, spec, part_dir, part_request, shard=shard,
                       progress=progress, on_part=on_part)
   summary.update(part=shard.name, distributed=shard.distributed)
-  if shard.distributed:
-    hosts.barrier(f"ctdiff_jax.generate {output_dir}")
-    if shard.index == 0:
-      summary["merged"] = export.merge(output_dir)
+  if shard.distributed:  # process 0 merges once every part is written; all wait for it
+    hosts.barrier(f"ctdiff_jax.generate parts written: {output_dir}")
+    try:
+      if shard.index == 0:
+        summary["merged"] = export.merge(output_dir)
+    finally:  # (jax.distributed's shutdown waits for every process, a few minutes at most)
+      hosts.barrier(f"ctdiff_jax.generate merged: {output_dir}")
   return summary
 
 

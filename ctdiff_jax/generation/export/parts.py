@@ -94,7 +94,7 @@ class Shard:
 
 
 def start(output_dir: str, request: Mapping[str, Any], shard: Shard,
-        overwrite: bool) -> tuple[str, dict[str, Any] | None]:
+          overwrite: bool) -> tuple[str, dict[str, Any] | None]:
   """(part dir, part request); the request is None when the part is complete already.
 
   Refuses (FileExistsError) an output_dir holding a finished export of the run (or another
@@ -126,6 +126,7 @@ def _part_names(output_dir: str) -> list[str]:
 
 
 def write_json(path: str, value: Any) -> None:
+  """Replaces the JSON file at `path` atomically."""
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(resume.jsonable(value), f, indent=1, sort_keys=True)
   os.replace(path + ".tmp", path)
@@ -142,7 +143,7 @@ class RecordExporter(base.Exporter):
     self.have: set[int] = set()
     if records:
       os.makedirs(self.root, exist_ok=True)
-      self.have = {int(i) for f in _record_files(self.root) for i in np.load(f)["index"]}
+      self.have = {i for f in _record_files(self.root) for i in _indices(f)}
 
   def needs(self, indices: Sequence[int]) -> bool:
     return self.records and any(int(i) not in self.have for i in indices)
@@ -164,6 +165,12 @@ class RecordExporter(base.Exporter):
 
 def _record_files(root: str) -> list[str]:
   return sorted(glob.glob(os.path.join(root, "*.npz")))
+
+
+def _indices(path: str) -> list[int]:
+  """The sample indices of a record chunk file (reads only that array)."""
+  with np.load(path) as z:
+    return [int(i) for i in z["index"]]
 
 
 class FigureRowsExporter(png.FigureExporter):
@@ -341,7 +348,7 @@ def _record_chunks(target: base.Target, names: Sequence[str]) -> Iterator[_Chunk
   where = []  # (sample index, file, row in file)
   for name in names:
     for path in _record_files(target.path(PARTS_DIR, name, RECORDS_DIR)):
-      where += [(int(i), path, k) for k, i in enumerate(np.load(path)["index"])]
+      where += [(i, path, k) for k, i in enumerate(_indices(path))]
   where.sort()
   indices = [i for i, _, _ in where]
   if len(set(indices)) != len(indices):
