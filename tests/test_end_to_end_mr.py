@@ -1,9 +1,12 @@
 """MR end to end on the phantom's MR mode: phantom -> build (--modality=mr) -> train -> generate
 -> evaluate, and the modality checks (an MR dataset with a CT config and the reverse).
 
-No public MR volume is installed with any package here, so this is the phantom only (T1-like
-contrast, per-case scanner gain, int16 arbitrary units). One module fixture runs the chain at
-a tiny size (32 px, 4 train steps, 2 DDIM steps).
+The chain runs on the phantom (T1-like contrast, per-case scanner gain; its cases rewritten
+as float32 so their records need a value_scale). The one real MR volume installed with a
+package here, nibabel's test T1 brain (tests/data/anatomical.nii, 2 mm), goes through build
+(TotalSegmentator MRI layout, a `brain` mask made by thresholding: not an expert label),
+training and generation in the last test. One module fixture runs the chain at a tiny size
+(32 px, 4 train steps, 2 DDIM steps).
 """
 
 import csv
@@ -154,3 +157,43 @@ def test_ct_config_refuses_mr_dataset_and_reverse(run):
   errors = [l for l in proc.stderr.splitlines() if l.startswith("ctdiff_jax.train: error:")]
   assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
   assert "kidneys_32px_12mm_mr holds MR slices" in errors[0] and "for CT" in errors[0]
+
+
+def _brain_case(raw):
+  """nibabel's public test T1 (anatomical.nii, 2 mm, LAS) in the TotalSegmentator MRI layout,
+  with a `brain` mask made here (threshold, largest component, holes filled): not an expert
+  label, but a real MR volume with a TotalSegmentator MR class name."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  img = nib.load(pathlib.Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii")
+  data = np.asanyarray(img.dataobj).astype(np.float32)
+  fg = ndimage.binary_opening(data > 0.2 * np.percentile(data, 99), iterations=1)
+  comps, n = ndimage.label(fg)
+  brain = comps == 1 + np.argmax(ndimage.sum(fg, comps, range(1, n + 1)))
+  brain = ndimage.binary_fill_holes(brain).astype(np.uint8)
+  (raw / "s0001" / "segmentations").mkdir(parents=True)
+  nib.save(img, raw / "s0001" / "mri.nii.gz")
+  nib.save(nib.Nifti1Image(brain, img.affine), raw / "s0001" / "segmentations" / "brain.nii.gz")
+
+
+def test_real_mr_volume_builds_trains_and_generates(run):
+  root = run["root"]
+  _brain_case(root / "raw_real_mr")
+  summary = ingest_build.build(["brain"], root / "raw_real_mr", root / "tfds", image_size=SIZE,
+                               spacing_mm=3.0, modality="mr")
+  assert summary["layout"] == "totalsegmentator" and summary["slices"]["train"] > 0
+  config = _small(kidneys_mr.get_config("smoke"), root / "tfds")
+  config.organs, config.spacing_mm = "brain", 3.0
+  config.num_train_steps = config.checkpoint_every_steps = 2
+  trainer.train_and_evaluate(config, str(root / "run_real"))
+  out = root / "gen_real"
+  runner.generate(config, str(root / "run_real"), runner.GenerateSpec(
+      "organ", num_samples=2, seed=0, split="train"), str(out), progress=False)
+  source, _ = sources.open_split(config, "train")
+  with open(out / "manifest.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  for r in rows:
+    rec = source[int(r["source_index"])]
+    values = export.from_ras(nib.load(out / r["ct_file"]).get_fdata()[..., 0])
+    mask = export.from_ras(np.asarray(nib.load(out / r["mask_file"]).dataobj)[..., 0]) > 0
+    assert mask.sum() > 0
+    np.testing.assert_array_equal(values[~mask], rec["image"][..., 0][~mask])  # int16, scale 1
