@@ -4,6 +4,12 @@ Layout: `<workdir>/checkpoints/<step>/{state,data}`. The state is saved unreplic
 no device axis), so a run restores onto any device count; `data` is the Grain iterator state
 (per process), so a resumed run continues the exact batch sequence.
 
+Multi-process runs: every process calls `save`/`restore` (Orbax synchronises them); the
+state, the same on every process, is written once by process 0, the iterator state once per
+process (`data/process_<p>-of-<n>.json`). A run with another process count finds no iterator
+state of its own (`has_data_state`) and restores the state only (trainer.py positions the
+data by step).
+
 A save is written into `<step>.orbax-checkpoint-tmp-*` and renamed to `<step>` once complete
 (Orbax's atomic rename), so a run killed mid-save (async saves run in a background thread)
 leaves only a temporary folder: the next run resumes from the last complete step and the
@@ -41,6 +47,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any |
   if data_iter is not None:
     items["data"] = grain.PyGrainCheckpointSave(data_iter)
   manager.save(int(step), args=ocp.args.Composite(**items))
+
+
+def has_data_state(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether `step` holds this process's Grain iterator state (saved with this process count)."""
+  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  return os.path.exists(os.path.join(str(manager.directory), str(int(step)), "data", name))
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None = None,

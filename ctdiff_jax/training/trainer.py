@@ -5,6 +5,11 @@ the Grain iterator state (resume from the latest step, onto any device count), c
 JSONL/TensorBoard writers on process 0, periodic sample grids, and a clear abort on NaN/Inf.
 Metrics stay on device and are pulled every `log_every_steps`: no host sync per step.
 
+Multi-host (`config.distributed`, README "Multi-host training"): every process runs this same
+code over all processes' devices (training/parallel.py); each reads its own block of every
+global batch (data/pipeline.py), so N processes x D devices train exactly as 1 x N*D.
+Checkpoints, metrics and images are written once; a checkpoint restores on any process count.
+
 The step's learning rate is an argument of the compiled step, evaluated on the host from the
 task's schedule for this config's `num_train_steps`; `<workdir>/schedule.json` records the
 `num_train_steps` a run was trained towards, and resuming with another one logs a warning.
@@ -40,21 +45,24 @@ class NonFiniteLossError(RuntimeError):
 
 
 def setup_devices(config) -> parallel.DataParallel:
-  """Joins the multi-host run if asked, then the data-parallel layer over local devices."""
+  """Joins the multi-host run if asked, then the data-parallel layer over all its devices.
+
+  `config.num_devices` counts devices per process.
+  """
   if config.distributed:
-    jax.distributed.initialize()
-  return parallel.create(config.parallel, parallel.local_devices(config.num_devices or None))
+    parallel.initialize_distributed()
+  return parallel.create(config.parallel, parallel.global_devices(config.num_devices or None))
 
 
 def _pull(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
-  host = jax.device_get([m for _, m in pending])
+  host = parallel.local_rows([m for _, m in pending])  # pmean'd: every row is the same
   return [(s, jax.tree.map(lambda x: np.asarray(x)[0], m)) for (s, _), m in zip(pending, host)]
 
 
 def _sample_grid(state_r, batch, p_generate, key_data_r, num: int) -> np.ndarray:
   """Ground truth | masked input | generated, for the first `num` examples of `batch`."""
   out = p_generate(state_r, batch, key_data_r)
-  host = jax.device_get({"image": batch["image"], "mask": batch["mask"], "out": out})
+  host = parallel.local_rows({"image": batch["image"], "mask": batch["mask"], "out": out})
   flat = {k: np.reshape(v, (-1,) + v.shape[2:])[:num] for k, v in host.items()}
   masked = flat["image"] * (1.0 - flat["mask"])
   return figures.comparison_grid([flat["image"], masked, flat["out"]], masks=flat["mask"])
@@ -128,13 +136,24 @@ def check_schedule(workdir: str, num_train_steps: int, step: int, lrs: np.ndarra
       json.dump({"num_train_steps": int(num_train_steps)}, f)
 
 
-def _restore_or_init(task, manager, data_iter, init_key: jax.Array) -> tuple[Any, int]:
-  """The latest checkpoint's state and step (the iterator restored too), else a fresh state."""
-  if manager.latest_step() is None:
+def _restore_or_init(task, manager, data_iter, init_key: jax.Array,
+                     batch_records: int) -> tuple[Any, int]:
+  """The latest checkpoint's state and step (the iterator restored too), else a fresh state.
+
+  A checkpoint of another process count has no iterator state for this process: the data
+  then continues after `step` batches of `batch_records` (each step reads one batch).
+  """
+  step = manager.latest_step()
+  if step is None:
     return jax.jit(task.init_state)(init_key), 0
   # Restoring needs only shapes: skip compiling the initialisers.
   abstract = jax.eval_shape(task.init_state, init_key)
-  state, step = checkpointing.restore(manager, abstract, data_iter)
+  own_data = checkpointing.has_data_state(manager, step)
+  state, step = checkpointing.restore(manager, abstract, data_iter if own_data else None, step)
+  if not own_data:
+    logging.info("checkpoint %d was saved by another process count: data positioned by step",
+                 step)
+    pipeline.set_position(data_iter, step, batch_records)
   logging.info("resuming at step %d", step)
   return state, step
 
@@ -181,28 +200,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is checked and the workdir locked first (training/workdir.py: one run per workdir).
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  with run_workdir.claim(workdir, config):
+  if config.distributed:  # before the lock: its name depends on the process index
+    parallel.initialize_distributed()
+  with run_workdir.claim(workdir, config, jax.process_index()):
     return _train_and_evaluate(config, workdir, iterator_wrapper)
 
 
 def _train_and_evaluate(config, workdir: str, iterator_wrapper) -> Any:
   par = setup_devices(config)
-  logging.info("training %s on %d %s device(s), parallel=%s, workdir=%s", config.model_family,
-               par.num_devices, par.devices[0].platform, par.mode, workdir)
+  logging.info("training %s on %d %s device(s) in %d process(es), parallel=%s, workdir=%s",
+               config.model_family, par.num_devices, par.devices[0].platform,
+               jax.process_count(), par.mode, workdir)
 
   source, meta = sources.open_split(config, config.train_split)
   transforms.check_flip(transforms.ExampleConfig.from_data_config(config.data),
                         meta.get("label_names") or {})
+  batch_shape = (par.num_local_devices, config.per_device_batch_size)
   loader = pipeline.create_loader(
-      source, config.data, batch_shape=(par.num_devices, config.per_device_batch_size),
-      seed=config.seed, worker_count=config.data.worker_count)
+      source, config.data, batch_shape=batch_shape, seed=config.seed,
+      worker_count=config.data.worker_count,
+      process=(jax.process_index(), jax.process_count()))
   data_iter = iter(loader)
 
   task = tasks.get_task(config)
   init_key, run_key = jax.random.split(jax.random.key(config.seed))
   manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints,
                                          async_save=config.async_checkpointing)
-  state, initial_step = _restore_or_init(task, manager, data_iter, init_key)
+  state, initial_step = _restore_or_init(task, manager, data_iter, init_key,
+                                         batch_shape[0] * batch_shape[1])
   check_schedule(workdir, config.num_train_steps, initial_step,
                  learning_rates(task, config.num_train_steps))
   writer = writers.Writer(workdir)

@@ -9,6 +9,9 @@ writes anything):
   same workdir (which would interleave checkpoints and metrics) stops at once with a message
   naming the running one (pid, host, start time from the lock file). The lock goes with the
   process, also when it is killed; the lock file stays (deleting it would race).
+  In a multi-process run (one workdir shared by all hosts) process 0 holds `.lock` and
+  process p > 0 `.lock.process<p>`: the run's own processes do not lock each other out, and
+  a second run into the workdir is refused on every process.
 """
 
 from __future__ import annotations
@@ -74,10 +77,17 @@ def _holder(path: str) -> str:
     return "another process"
 
 
+def lock_name(process_index: int = 0) -> str:
+  return LOCK_NAME if process_index == 0 else f"{LOCK_NAME}.process{process_index}"
+
+
 @contextlib.contextmanager
-def lock(workdir: str) -> Iterator[str]:
-  """Holds `<workdir>/.lock` for the block; raises WorkdirBusyError if another run holds it."""
-  path = os.path.join(workdir, LOCK_NAME)
+def lock(workdir: str, process_index: int = 0) -> Iterator[str]:
+  """Holds `<workdir>/.lock` (process 0; see module docstring) for the block.
+
+  Raises WorkdirBusyError if another run holds it.
+  """
+  path = os.path.join(workdir, lock_name(process_index))
   if fcntl is None or "://" in workdir:  # no flock on Windows / remote file systems
     yield path
     return
@@ -101,8 +111,8 @@ def lock(workdir: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def claim(workdir: str, config: Any) -> Iterator[str]:
+def claim(workdir: str, config: Any, process_index: int = 0) -> Iterator[str]:
   """check_config, then `lock`: what a training run does before it touches its workdir."""
   check_config(config)
-  with lock(workdir) as path:
+  with lock(workdir, process_index) as path:
     yield path
