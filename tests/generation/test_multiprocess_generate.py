@@ -30,7 +30,7 @@ from ctdiff_jax.ingest import build as ingest_build
 from test_generate import SIZE, SPACING, make_config, write_random_checkpoints
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-TIMEOUT_S = 240
+TIMEOUT_S = 600  # a guard against a hung worker (a busy 2-core machine needs minutes)
 NUM_SAMPLES = 11  # parts of 5 and 6 slices; 2 chunks each with CHUNK_BATCHES = 1 (resume test)
 SPEC = runner.GenerateSpec("organ", num_samples=NUM_SAMPLES, seed=3, formats=("nifti",),
                            tfds=True, volumes=True)
@@ -196,7 +196,13 @@ def test_interrupted_part_resumes_without_duplicates(data, reference, monkeypatc
   assert generated == list(lost)
   assert len(list((part / "records").glob("*.npz"))) == 2
   assert not list(part.rglob("*.tmp"))
-  # A complete part is not generated again.
+  # A merge killed midway (run.json not complete, a file moved up, the manifest begun) is
+  # taken up again by the same run; a complete part is not generated again.
+  export.resume.write_run(str(out), {"request": export.request_of(SPEC, data["config"]),
+                                     "complete": False})
+  (ct_file,) = pathlib.Path(shards[0].part_dir(str(out))).glob("000000_*_ct.nii.gz")
+  ct_file.rename(out / ct_file.name)
+  (out / "manifest.csv").write_text((part / "manifest.csv").read_text().splitlines()[0] + "\n")
   summary = runner.generate(data["config"], inpainter, SPEC, str(out), progress=False,
                             shard=shards[0])
   assert "scenario" not in summary and "was complete already" in runner.format_summary(summary)

@@ -224,6 +224,10 @@ def merge(output_dir: str) -> dict[str, Any]:
   first, request, count = _check_parts(output_dir, names)
   num_samples = int(request["spec"]["num_samples"])
   rows = _rows(output_dir, names, num_samples)
+  # Written first: a merge killed midway leaves an interrupted export of the run, which the
+  # same generate command (or --merge) takes up again, not "another export" it must refuse.
+  resume.write_run(output_dir, {"request": request, "provenance": first.get("provenance", {}),
+                                "complete": False, "merged_parts": count})
   out: dict[str, Any] = {"output_dir": output_dir, "merged_parts": count,
                          "num_samples": num_samples,
                          "slice_files": _move_files(output_dir, rows)}
