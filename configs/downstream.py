@@ -7,7 +7,7 @@ exports named in `downstream.synthetic`. Each arm trains with the same steps and
 scored by per-class Dice on the real `eval_split`.
 
 Variants: "" (GPU: 256 px, a wider UNet, 5000 steps, 5 arms x 5 seeds) and "smoke" (CPU: 64 px,
-~30k parameters, 200 steps, batch 16, 3 arms x 3 seeds, a few minutes on 2 free cores).
+~30k parameters, 100 steps, batch 16, 3 arms x 3 seeds, a few minutes on 2 free cores).
 """
 
 import ml_collections
@@ -49,7 +49,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.optim.learning_rate = 3e-3 if variant == "smoke" else 1e-3
   config.optim.warmup_steps = 20 if variant == "smoke" else 200
   config.optim.ema_decay = 0.99
-  config.num_train_steps = 200 if variant == "smoke" else 5000
+  config.num_train_steps = 100 if variant == "smoke" else 5000  # smoke: fits the quickstart budget
   config.per_device_batch_size = 16
   config.log_every_steps = 50 if variant == "smoke" else 500
   config.checkpoint_every_steps = config.get_ref("num_train_steps")  # One checkpoint: the final model.
