@@ -5,21 +5,22 @@
 Stages (each prints its timing; everything lands under --output_dir):
   1. a procedural phantom CT cohort with kidney/liver lesions       raw/
   2. the `kidneys` and `kidney_tumor` TFDS slice datasets           tfds/
-  3. the smoke diffusion models: kidneys (organ masks, organ        runs/diffusion_kidneys/
-     scenario), kidney_tumor (lesion masks, tumour scenario),       runs/diffusion_kidney_tumor/
-     context (boxes + margin and free shapes on kidneys, context    runs/diffusion_context/
-     scenario), the smoke Pix2Pix baseline on kidneys, and          runs/pix2pix_kidneys/
-     kidney_tumor_volume (+ neighbours, 1/3 steps)  runs/diffusion_kidney_tumor_volume/
+  3. the smoke models: kidneys (organ masks, organ scenario),       runs/diffusion_kidneys/
+     kidney_tumor (lesion masks, tumour scenario), context (boxes   runs/diffusion_kidney_tumor/
+     + margin and free shapes, context scenario), Pix2Pix on        runs/diffusion_context/
+     kidneys, kidney_tumor_volume (+ neighbours, 1/3 steps)         runs/pix2pix_kidneys/, ...
   4. the three generation scenarios (organ, context, tumor)         synthetic/<scenario>/
-     and one 2.5D tumour volume (+ the same slice by slice)         synthetic/tumor_volume/
-  5. Table 1 on the phantom cohort (Pix2Pix, Diffusion, neighbour)  report/
-  6. report/: figure4.png, table1.md, scenarios.md (each scenario vs the ring-mean fill, the
-     tumour's W1 to real lesions vs to the replaced host), volume25d.{png,md} (the 2.5D
-     volume's three planes; 2.5D FID and inter-slice HU: real, independent slices, 2.5D),
-     training_loss.png, paths to the synthetic datasets.
+  5. one 2.5D tumour volume (+ the same volume slice by slice)      synthetic/tumor_volume/
+  6. Table 1 on the phantom cohort (Pix2Pix, Diffusion, neighbour)  report/table1.md
+  7. downstream segmentation (real vs + synthetic, 3 seeds) and     report/downstream.md,
+     mask consistency (slices generated from the train split)       report/consistency.md
+  8. report/: figure4*.png, scenarios.md (each scenario vs the ring-mean fill, the tumour's
+     W1 to real lesions vs to the replaced host), volume25d.{png,md} (three planes; 2.5D FID
+     and inter-slice HU: real, independent slices, 2.5D), training_loss.png, paths.
 
-Defaults fit about 15 minutes on 2 CPU cores; on a GPU/TPU raise --steps, --image_size and
-use the non-smoke configs directly (`python -m ctdiff_jax.train --config=configs/kidneys.py`).
+Defaults fit in 20 minutes on 2 CPU cores, setup included (see README); on a GPU/TPU raise
+--steps, --image_size and use the non-smoke configs directly
+(`python -m ctdiff_jax.train --config=configs/kidneys.py`).
 Re-running resumes: datasets and checkpoints that exist are reused.
 """
 
@@ -104,11 +105,11 @@ def _datasets(raw: str, data_dir: str, *, num_cases: int, seed: int, image_size:
   """Stages 1-2: the phantom cohort (kept when it exists) and the two TFDS datasets."""
   from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
   from ctdiff_jax.ingest import build as ingest_build  # pylint: disable=g-import-not-at-top
-  t0 = _stage(f"1/6 phantom cohort: {num_cases} cases with lesions")
+  t0 = _stage(f"1/8 phantom cohort: {num_cases} cases with lesions")
   if not os.path.exists(os.path.join(raw, "labels.json")):
     phantom.write_cohort(raw, num_cases, seed=seed, lesions=True)
   _done(t0)
-  t0 = _stage("2/6 TFDS slice datasets: kidneys, kidney_tumor")
+  t0 = _stage("2/8 TFDS slice datasets: kidneys, kidney_tumor")
   for name in ("kidneys", "kidney_tumor"):
     summary = ingest_build.build(name, raw, data_dir, image_size=image_size,
                                  spacing_mm=spacing_mm)
@@ -120,7 +121,7 @@ def _train(configs: dict, runs: dict[str, str], steps: int) -> None:
   """Stage 3: trains (or resumes) every model."""
   from ctdiff_jax.training import trainer  # pylint: disable=g-import-not-at-top
   for i, (name, config) in enumerate(configs.items()):
-    t0 = _stage(f"3/6 training {name} ({i + 1}/{len(configs)}, {config.num_train_steps} "
+    t0 = _stage(f"3/8 training {name} ({i + 1}/{len(configs)}, {config.num_train_steps} "
                 f"steps)")
     trainer.train_and_evaluate(config, runs[name])
     _done(t0)
@@ -138,7 +139,7 @@ def _generate(out: str, configs: dict, runs: dict[str, str], *, num_samples: int
   from ctdiff_jax.generation import runner  # pylint: disable=g-import-not-at-top
   synthetic, samples = {}, {}
   for scenario, name in SCENARIO_MODELS:
-    t0 = _stage(f"4/6 generating {num_samples} slices: scenario {scenario}")
+    t0 = _stage(f"4/8 generating {num_samples} slices: scenario {scenario}")
     dest = os.path.join(out, "synthetic", scenario)
     spec = runner.GenerateSpec(scenario=scenario, num_samples=num_samples, seed=seed,
                                tfds=True, overwrite=True)
@@ -189,7 +190,7 @@ def _volume25d(out: str, report: str, config, workdir: str, *, seed: int) -> dic
   """One 2.5D tumour volume of the test split (and the same volume slice by slice) ->
   report/volume25d.png (three planes), report/volume25d.md (2.5D FID, inter-slice HU)."""
   from ctdiff_jax.generation import runner, volume25d  # pylint: disable=g-import-not-at-top
-  t0 = _stage("2.5D: one tumour volume, each slice conditioned on its generated neighbours")
+  t0 = _stage("5/8 2.5D: one tumour volume, each slice conditioned on its generated neighbours")
   spec = runner.GenerateSpec(scenario="tumor", num_samples=1, seed=seed, steps=VOLUME_STEPS,
                              overwrite=True)
   summary = volume25d.generate(config, workdir, spec,
@@ -216,7 +217,7 @@ def _downstream(out: str, report: str, configs: dict, runs: dict[str, str], *,
   from ctdiff_jax.evaluation import consistency, downstream
   from ctdiff_jax.generation import runner
   # pylint: enable=g-import-not-at-top
-  t0 = _stage("downstream: segmentation on real +- synthetic slices, mask consistency")
+  t0 = _stage("7/8 downstream: segmentation on real +- synthetic slices, mask consistency")
   synthetic = {}
   for scenario, name in (("organ", "diffusion_kidneys"), ("tumor", "diffusion_kidney_tumor")):
     dest = os.path.join(out, "synthetic_train", scenario)
@@ -242,7 +243,7 @@ def _downstream(out: str, report: str, configs: dict, runs: dict[str, str], *,
 def _report(out: str, report: str, data_dir: str, runs: dict[str, str],
             synthetic: dict[str, str]) -> dict[str, str]:
   """Stage 6: figures and loss curves into report/; returns the paths of the artefacts."""
-  t0 = _stage("6/6 report")
+  t0 = _stage("8/8 report")
   shutil.copyfile(os.path.join(synthetic["organ"], "figure4.png"),
                   os.path.join(report, "figure4.png"))
   for scenario in ("context", "tumor"):
@@ -294,7 +295,7 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
   volume_paths = _volume25d(out, report, configs["diffusion_kidney_tumor_volume"],
                             runs["diffusion_kidney_tumor_volume"], seed=seed)
 
-  t0 = _stage("5/6 evaluation: Table 1 on the phantom cohort's kidneys test split")
+  t0 = _stage("6/8 evaluation: Table 1 on the phantom cohort's kidneys test split")
   table1.evaluate(configs["diffusion_kidneys"], runs["diffusion_kidneys"], report,
                   pix2pix_config=configs["pix2pix_kidneys"],
                   pix2pix_workdir=runs["pix2pix_kidneys"], seed=seed,
