@@ -244,9 +244,9 @@ class LoaderItem:
     from ctdiff_jax.ingest import build, naming  # pylint: disable=g-import-not-at-top
     size, mm, dataset = int(self.p["image_size"]), float(self.p["spacing_mm"]), self.p["dataset"]
     self.tmp = tempfile.TemporaryDirectory(prefix="bench_loader_")
-    build.build(dataset, self.p["manual_dir"], self.tmp.name, image_size=size, spacing_mm=mm,
-                split_ratios=(1.0, 0.0, 0.0))
-    source = sources.load_source(self.tmp.name, naming.config_name(dataset, size, mm), "train")
+    opts = {"image_size": size, "spacing_mm": mm, "split_ratios": (1.0, 0.0, 0.0)}
+    build.build(dataset, self.p["manual_dir"], self.tmp.name, **opts)  # every case in train
+    source = sources.load_source(self.tmp.name, naming.config_name(dataset, **opts), "train")
     cfg = make_config(dict(self.p, variant="smoke"))
     cfg.data.image_size = size
     batch = int(self.p["batch"])
