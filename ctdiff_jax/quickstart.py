@@ -117,7 +117,7 @@ def _datasets(raw: str, data_dir: str, *, num_cases: int, seed: int, image_size:
   _done(t0)
 
 
-def _train(configs: dict, runs: dict[str, str], steps: int) -> None:
+def _train(configs: dict, runs: dict[str, str]) -> None:
   """Stage 3: trains (or resumes) every model."""
   from ctdiff_jax.training import trainer  # pylint: disable=g-import-not-at-top
   for i, (name, config) in enumerate(configs.items()):
@@ -289,7 +289,7 @@ def run(output_dir: str, *, num_cases: int, seed: int, steps: int, image_size: i
              "pix2pix_kidneys": smoke_config(pix2pix_kidneys, **args),
              "diffusion_kidney_tumor_volume": volume_config(kidney_tumor_volume, **args)}
   runs = {name: os.path.join(out, "runs", name) for name in configs}
-  _train(configs, runs, steps)
+  _train(configs, runs)
   synthetic, samples = _generate(out, configs, runs, num_samples=num_samples, seed=seed)
   _scenario_metrics(report, configs["diffusion_kidney_tumor"], samples)
   volume_paths = _volume25d(out, report, configs["diffusion_kidney_tumor_volume"],
