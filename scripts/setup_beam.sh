@@ -5,11 +5,5 @@
 # tests/ingest/test_builder_beam.py runs Beam builds and `tfds build` with its python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${CTDIFF_BEAM_VENV:-.venv-beam}"
-PY="${PYTHON:-python3}"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[tf,beam]"
-echo "beam venv ready: $VENV"
+# The same venv recipe as scripts/setup.sh, with its own path and the tf + beam extras.
+CTDIFF_VENV="${CTDIFF_BEAM_VENV:-.venv-beam}" exec bash scripts/setup.sh tf,beam
