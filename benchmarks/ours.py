@@ -20,6 +20,8 @@ import numpy as np
 
 
 def _jax():
+  from ctdiff_jax import xla_options  # pylint: disable=g-import-not-at-top
+  xla_options.apply()  # the CLIs' compile options (before the first computation)
   import jax  # pylint: disable=g-import-not-at-top
   if not os.environ.get("BENCH_JAX_CACHE"):
     # Cold numbers: no persistent compilation cache unless asked (BENCH_JAX_CACHE=<dir>).

@@ -4,9 +4,12 @@ and the FID weights (skipped when missing; a failure under CI=true, see missing_
 import os
 import pathlib
 
+from ctdiff_jax import xla_options  # imports no jax
+
 # Must happen before jax is imported anywhere: tests compare 1- and 2-device steps.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+xla_options.apply()  # the CLIs' CPU compile options (shorter compiles), as users get them
 
 import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top

@@ -21,6 +21,7 @@ import pytest
 
 from configs import kidneys
 from ctdiff_jax import phantom
+from ctdiff_jax import xla_options
 from ctdiff_jax.ingest import build as ingest_build
 from ctdiff_jax.training import checkpointing
 from ctdiff_jax.training import parallel
@@ -110,7 +111,8 @@ def launch(spec: dict, processes: int, devices: int, logdir: pathlib.Path) -> No
   A process that fails stops the others at once (they would wait in a collective).
   """
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT), CTDIFF_NO_TF="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=xla_options.with_cpu_flags(
+                 f"--xla_force_host_platform_device_count={devices}"))
   cache = jax.config.jax_compilation_cache_dir  # the suite's cache (conftest.py), if any
   if cache:
     env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
