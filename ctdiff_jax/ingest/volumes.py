@@ -26,7 +26,6 @@ from typing import Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from ctdiff_jax.ingest import modality as modality_lib
 from ctdiff_jax.ingest import organs as organs_lib
@@ -208,6 +207,21 @@ def organ_ids_for_case(organs: Sequence[str], label_names: Mapping[int, str]) ->
           for o in organs]
 
 
+def organ_label_map(label_ids: np.ndarray, ids: Sequence[Sequence[int]]) -> np.ndarray:
+  """uint8 map: k where label_ids is one of ids[k-1] (later organs overwrite earlier ones)."""
+  top = int(label_ids.max(initial=0))
+  if top < (1 << 20):  # one lookup instead of one isin pass per organ
+    lut = np.zeros(top + 1, np.uint8)
+    for k, organ_ids in enumerate(ids, start=1):
+      lut[[i for i in organ_ids if i <= top]] = k
+    return lut[label_ids]
+  out = np.zeros(label_ids.shape, np.uint8)
+  for k, organ_ids in enumerate(ids, start=1):
+    if organ_ids:
+      out[np.isin(label_ids, organ_ids)] = k
+  return out
+
+
 def load_case(case: Case, organs: Sequence[str]) -> LoadedCase:
   """Loads one case on its canonical grid with an organ label map of `organs` (ids 1..K).
 
@@ -226,9 +240,7 @@ def load_case(case: Case, organs: Sequence[str]) -> LoadedCase:
     check_same_grid(lab, img, case.label, case.image, case.case_id)
     arr = _as_label_ids(read_array(lab, case.label, case.case_id, "label"), case.label,
                         case.case_id)
-    for k, organ_ids in enumerate(ids, start=1):  # later organs overwrite earlier ones
-      if organ_ids:
-        organ_map[np.isin(arr, organ_ids)] = k
+    organ_map = organ_label_map(arr, ids)
     del arr
   else:
     id_to_name = {int(i): str(n) for i, n in case.label_names.items()}
@@ -277,36 +289,72 @@ def select_slices(organ_map: np.ndarray, min_organ_area: int = 0,
   return sorted(kept), int(len(organ_z))
 
 
-def _sample_grid(shape_xy: tuple[int, int], spacing_xy: tuple[float, float], image_size: int,
-                 spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
-  """Source (x, y) coordinates of every output pixel, and a mask of those inside the FOV.
+@dataclasses.dataclass(frozen=True)
+class SliceGrid:
+  """The in-plane sampling of one source grid: output column c reads source x = xs[c], row r
+  reads source y = ys[r] (the grid is axis-aligned, so bilinear sampling is separable).
 
   Output pixel (r, c) sits at (c - (S-1)/2, r - (S-1)/2) * spacing_mm from the FOV centre,
-  with columns running towards -x and rows towards -y (radiological view of RAS+).
+  with columns running towards -x and rows towards -y (radiological view of RAS+). `inside`
+  (rows, cols) marks the pixels within the source field of view (half a voxel past the edge
+  centres, as map_coordinates' "nearest" mode reads them).
   """
+
+  xs: np.ndarray  # (S,) source x (voxel units) of each output column
+  ys: np.ndarray  # (S,) source y of each output row
+  inside: np.ndarray  # (S, S) bool
+
+
+def _sample_grid(shape_xy: tuple[int, int], spacing_xy: tuple[float, float], image_size: int,
+                 spacing_mm: float) -> SliceGrid:
   s = image_size
   offs = (np.arange(s, dtype=np.float64) - (s - 1) / 2) * spacing_mm
   nx, ny = shape_xy
   xs = (nx - 1) / 2 - offs / spacing_xy[0]  # per column
   ys = (ny - 1) / 2 - offs / spacing_xy[1]  # per row
-  cx, ry = np.meshgrid(xs, ys)  # (rows, cols)
-  inside = (cx >= -0.5) & (cx <= nx - 0.5) & (ry >= -0.5) & (ry <= ny - 0.5)
-  return np.stack([cx, ry]), inside
+  inside = (((ys >= -0.5) & (ys <= ny - 0.5))[:, None]
+            & ((xs >= -0.5) & (xs <= nx - 0.5))[None, :])
+  return SliceGrid(xs, ys, inside)
+
+
+def _linear_taps(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Indices (edge-clamped) and weight of the upper tap of linear interpolation at coords."""
+  lo = np.floor(coords)
+  clamp = lambda i: np.clip(i, 0, n - 1).astype(np.intp)
+  return clamp(lo), clamp(lo + 1), coords - lo
+
+
+def _nearest_tap(coords: np.ndarray, n: int) -> np.ndarray:
+  """Nearest index (ties round up, edge-clamped), as map_coordinates(order=0) picks it."""
+  return np.clip(np.floor(coords + 0.5), 0, n - 1).astype(np.intp)
 
 
 def resample_slice(slice_xy: np.ndarray, spacing_xy: tuple[float, float], image_size: int,
                    spacing_mm: float, *, order: int, cval: float,
-                   grid: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                   grid: SliceGrid | None = None) -> np.ndarray:
   """One canonical (X, Y) slice -> (S, S) image at `spacing_mm`, centred, radiological view.
 
-  order=1 (linear) for HU, order=0 (nearest) for labels. Output dtype = input dtype for
+  order=1 (linear) for HU, order=0 (nearest) for labels: the values of scipy's
+  map_coordinates(mode="nearest") at the grid's points, bit for bit on the shared CT (tests/
+  ingest/test_volumes_layouts.py compares them), from separable taps (~5x faster). Output dtype = input dtype for
   labels; HU come back as float64 (round with `to_int16`).
   """
-  coords, inside = grid if grid is not None else _sample_grid(
-      slice_xy.shape, spacing_xy, image_size, spacing_mm)
-  src = slice_xy if order == 0 else slice_xy.astype(np.float64)
-  out = ndimage.map_coordinates(src, coords, order=order, mode="nearest")
-  out[~inside] = cval
+  nx, ny = slice_xy.shape
+  grid = grid if grid is not None else _sample_grid((nx, ny), spacing_xy, image_size, spacing_mm)
+  if order == 0:
+    out = slice_xy[_nearest_tap(grid.xs, nx)][:, _nearest_tap(grid.ys, ny)].T.copy()
+  elif order == 1:
+    x0, x1, wx = _linear_taps(grid.xs, nx)
+    y0, y1, wy = _linear_taps(grid.ys, ny)
+    src = slice_xy.astype(np.float64, copy=False)
+    lo, hi = src[x0] * (1.0 - wx)[:, None], src[x1] * wx[:, None]  # (S cols, Y)
+    # scipy's terms in scipy's order (value * wx * wy, corners x0y0, x0y1, x1y0, x1y1): the
+    # same float64 sums, so the rounded HU match the resampler before this one bit for bit.
+    out = (lo[:, y0] * (1.0 - wy) + lo[:, y1] * wy + hi[:, y0] * (1.0 - wy)
+           + hi[:, y1] * wy).T  # (S rows, S cols)
+  else:
+    raise ValueError(f"order must be 0 or 1, got {order}")
+  out[~grid.inside] = cval
   return out
 
 

@@ -284,6 +284,33 @@ def test_resample_linear_ramp_matches_float64_reference():
   assert outside.any() and (out[outside] == -1024).all()
 
 
+@pytest.mark.parametrize("shape,spacing,size,mm", [
+    ((40, 30), (0.8, 1.2), 24, 1.5),  # fractional positions, partly outside the FOV
+    ((10, 14), (1.5, 1.5), 18, 1.5),  # integer positions (a flip + pad)
+    ((9, 7), (1.0, 1.0), 16, 0.5),  # exact half-voxel ties (nearest rounds them up)
+    ((33, 47), (0.7, 0.7), 40, 1.0)])
+def test_resample_matches_scipy_map_coordinates(shape, spacing, size, mm):
+  """The separable resampler gives scipy's map_coordinates(mode="nearest") values (the
+  builder's resampler before it): bit for bit, so records do not change."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(size)
+  hu = rng.integers(-1024, 3000, size=shape).astype(np.int16)
+  lab = rng.integers(0, 5, size=shape).astype(np.uint8)
+  grid = volumes._sample_grid(shape, spacing, size, mm)  # pylint: disable=protected-access
+  cx, ry = np.meshgrid(grid.xs, grid.ys)
+  for src, order, cval in ((hu, 1, -1024), (lab, 0, 0)):
+    ref = ndimage.map_coordinates(src.astype(np.float64) if order else src, np.stack([cx, ry]),
+                                  order=order, mode="nearest")
+    ref[~grid.inside] = cval
+    out = volumes.resample_slice(src, spacing, size, mm, order=order, cval=cval)
+    assert out.dtype == ref.dtype and out.shape == (size, size)
+    if order:
+      np.testing.assert_array_equal(out, ref)  # the same float64 sums, so the same int16
+    else:
+      np.testing.assert_array_equal(out, ref)
+  assert grid.inside.any()
+
+
 def test_slice_records_schema_and_neighbours(tmp_path):
   hu, lab = make_volume({1: [0, 3, 5]})
   case = volumes.Case("c1", save_nii(tmp_path / "i.nii.gz", hu, ras_affine()),
@@ -438,3 +465,19 @@ def test_label_map_formats(tmp_path):
   assert layouts.read_label_map(tmp_path / "b.json") == {1: "liver", 2: "spleen"}
   with pytest.raises(layouts.LayoutError, match="c.json: expected a JSON object"):
     layouts.read_label_map(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("top", [40, 1 << 21])  # lookup table, and isin above its size limit
+def test_organ_label_map_matches_isin_with_later_organs_winning(top):
+  rng = np.random.default_rng(1)
+  arr = rng.integers(0, 40, size=(20, 20, 5)).astype(np.int64)
+  arr[0, 0, 0] = top
+  ids = [[1, 2, 3], [3, 4], [], [39, 99], [top]]  # 3 in two organs: the later one wins
+  expected = np.zeros(arr.shape, np.uint8)
+  for k, organ_ids in enumerate(ids, start=1):
+    if organ_ids:
+      expected[np.isin(arr, organ_ids)] = k
+  out = volumes.organ_label_map(arr, ids)
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, expected)
+  assert (out == 2).any() and (out == 5).sum() == 1
