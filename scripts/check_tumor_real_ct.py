@@ -33,7 +33,8 @@ def _args():
   return p.parse_args()
 
 
-def _raw(root: str, totalseg: str) -> str:
+def raw_cases(root: str, totalseg: str) -> str:
+  """The raw cases (s01, s02 + two phantom cases with lesions) under root/raw; returns it."""
   from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
   raw = os.path.join(root, "raw")
   if not os.path.exists(os.path.join(raw, "cases.csv")):
@@ -62,7 +63,7 @@ def main():
   from ctdiff_jax.training import trainer
   # pylint: enable=g-import-not-at-top
   root = os.path.abspath(args.output_dir)
-  raw = _raw(root, os.path.abspath(os.path.join(args.shared_dir, "data", "totalseg_ct")))
+  raw = raw_cases(root, os.path.abspath(os.path.join(args.shared_dir, "data", "totalseg_ct")))
   data_dir = os.path.join(root, "tfds")
   summary = ingest_build.build("kidney_tumor", raw, data_dir, image_size=64, spacing_mm=6.0)
   print(ingest_build.format_summary(summary), flush=True)

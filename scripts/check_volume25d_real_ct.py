@@ -1,0 +1,77 @@
+"""The 2.5D acceptance numbers of issue #14 on the shared real CT (host s01).
+
+The dataset is scripts/check_tumor_real_ct.py's (s01, s02 and two phantom cases with lesions),
+built twice: `kidneys` for the context model (configs/context.py) and `kidney_tumor` for the
+neighbour-conditioned tumour model (configs/kidney_tumor_volume.py). Both are trained at
+quickstart size; then every volume of the split holding s01 is generated twice, slice by slice
+with real neighbours (independent) and outward with generated neighbours (2.5D), for the
+`context` and the `tumor` scenario, and volume_metrics.{md,json} (2.5D FID per plane, the
+inter-slice |dHU| inside the mask: real, independent, 2.5D) are written per scenario.
+
+  python scripts/check_volume25d_real_ct.py --output_dir=/tmp/volume25d_real_ct [--steps=1200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+
+def _args():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--output_dir", default="/tmp/volume25d_real_ct", help="Work folder.")
+  p.add_argument("--shared_dir", default=os.environ.get("CTDIFF_SHARED_DIR", "../shared"),
+                 help="The shared folder holding data/totalseg_ct.")
+  p.add_argument("--steps", type=int, default=1200, help="Training steps of each model.")
+  p.add_argument("--sampling_steps", type=int, default=10, help="DDIM steps per slice.")
+  p.add_argument("--seed", type=int, default=0, help="Seed.")
+  return p.parse_args()
+
+
+def main():
+  args = _args()
+  # pylint: disable=g-import-not-at-top
+  import check_tumor_real_ct
+  from configs import context, kidney_tumor_volume
+  from ctdiff_jax import quickstart, xla_options
+  xla_options.apply()
+  from ctdiff_jax.generation import runner, volume25d
+  from ctdiff_jax.ingest import build as ingest_build
+  from ctdiff_jax.training import trainer
+  # pylint: enable=g-import-not-at-top
+  root = os.path.abspath(args.output_dir)
+  raw = check_tumor_real_ct.raw_cases(
+      root, os.path.abspath(os.path.join(args.shared_dir, "data", "totalseg_ct")))
+  out = {}
+  for scenario, dataset, module in (("context", "kidneys", context),
+                                    ("tumor", "kidney_tumor", kidney_tumor_volume)):
+    data_dir = os.path.join(root, f"tfds_{dataset}")
+    summary = ingest_build.build(dataset, raw, data_dir, image_size=64, spacing_mm=6.0)
+    split = next(s for s, ids in summary["cases"].items() if "s01" in ids)
+    hosts = summary["cases"][split]
+    config = quickstart.smoke_config(module, data_dir=data_dir, image_size=64, spacing_mm=6.0,
+                                     steps=args.steps, seed=args.seed,
+                                     sampling_steps=args.sampling_steps)
+    workdir = os.path.join(root, f"run_{scenario}")
+    trainer.train_and_evaluate(config, workdir)
+    spec = runner.GenerateSpec(scenario=scenario, num_samples=len(hosts), seed=args.seed,
+                               split=split, steps=args.sampling_steps, overwrite=True)
+    gen = volume25d.generate(config, workdir, spec, os.path.join(root, f"gen_{scenario}"),
+                             compare=True, progress=False)
+    print(volume25d.format_summary(gen), flush=True)
+    with open(gen["metrics_json"], encoding="utf-8") as f:
+      out[scenario] = {"split": split, "hosts": hosts, "metrics": json.load(f),
+                       "previews": gen["previews"]}
+  print(json.dumps(out, indent=1))
+  with open(os.path.join(root, "volume25d_real_ct.json"), "w", encoding="utf-8") as f:
+    json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
