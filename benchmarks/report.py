@@ -98,7 +98,14 @@ def _setups(items: list[suites.Item], results: dict) -> list[str]:
   return lines
 
 
+# Other processes' share of the machine's CPU above which the report says it was shared.
+FOREIGN_CPU_LIMIT = 0.1
+
+
 def _busy(machine: dict[str, Any]) -> bool:
+  """Whether other jobs ran: their measured CPU share, else (no /proc) the load average."""
+  if machine.get("foreign_cpu") is not None:
+    return machine["foreign_cpu"] > FOREIGN_CPU_LIMIT
   try:
     loads = [float(machine[k].split()[0]) for k in ("load", "load_end")]
   except (KeyError, ValueError, IndexError):
@@ -119,7 +126,9 @@ def markdown(meta: dict[str, Any], items: list[suites.Item], results: dict,
       f"{', dry run' if meta['dry_run'] else ''})", "",
       f"- Date: {meta['started'][:16].replace('T', ' ')} UTC; took {meta['seconds']:.0f} s",
       f"- Machine: {m['cpu']}, {m['cores']} cores; load average (1/5/15 min) at start "
-      f"{m['load']}, at end {m['load_end']}",
+      f"{m['load']}, at end {m['load_end']}"
+      + (f"; other processes used {100 * m['foreign_cpu']:.0f}% of its CPU during the run"
+         if m.get("foreign_cpu") is not None else ""),
       f"- Devices: ours {ours.get('device', '?')} ({ours.get('platform', '?')}); peer "
       f"{peer.get('device', 'not run (no torch)')}",
       f"- Versions: {versions}",
@@ -129,8 +138,9 @@ def markdown(meta: dict[str, Any], items: list[suites.Item], results: dict,
       "ctdiff-jax is faster (for seconds: their time / ours).", "",
   ]
   if _busy(m):
-    lines += [f"**The machine was shared with other jobs during this run** (load average above "
-              f"its {m['cores']} cores). Absolute numbers are lower than on an idle machine; "
+    lines += [f"**The machine was shared with other jobs during this run** (other processes "
+              f"used more than {100 * FOREIGN_CPU_LIMIT:.0f}% of its {m['cores']} cores' CPU, or "
+              "without that measure its load average was above its cores). Absolute numbers are lower than on an idle machine; "
               "because the sides alternate repeat by repeat in one run, the ratios are fairer "
               "than the absolute values, but still noisy (see the min-max).", ""]
   lines += table(items, results, rows, peer_present=bool(meta.get("peer_python")))

@@ -159,7 +159,56 @@ def _machine() -> dict[str, Any]:
         break
   except OSError:
     pass
-  return {"cpu": model, "cores": os.cpu_count(), "load": _load()}
+  return {"cpu": model, "cores": os.cpu_count(), "load": _load(), "cpu_clock": _cpu_clock()}
+
+
+def _proc_cpu_s(fields: list[str]) -> float:
+  """utime + stime of a /proc/<pid>/stat line split after its ')' (fields 14-15)."""
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+  """CPU seconds of this process, its finished children and its live descendants."""
+  import resource  # pylint: disable=g-import-not-at-top
+  total = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF,
+                                                          resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+  children: dict[int, list[tuple[int, float]]] = {}
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+      continue  # exited meanwhile
+    children.setdefault(int(fields[1]), []).append((int(stat.parent.name), _proc_cpu_s(fields)))
+  todo = [os.getpid()]
+  while todo:  # live descendants (workers kept for the next item)
+    for pid, cpu in children.get(todo.pop(), []):
+      total += cpu
+      todo.append(pid)
+  return total
+
+
+def _cpu_clock() -> dict[str, float] | None:
+  """Machine-wide busy CPU seconds (/proc/stat), ours, and the wall clock, for `_foreign`."""
+  try:
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  busy = sum(v[i] for i in (0, 1, 2, 5, 6, 7) if i < len(v))  # user nice system irq softirq steal
+  return {"busy_s": busy / os.sysconf("SC_CLK_TCK"), "own_s": _own_cpu_s(),
+          "wall_s": time.monotonic()}
+
+
+def _foreign(start: dict[str, float] | None, cores: int) -> float | None:
+  """Share of the machine's CPU other processes used since `start` (0..1), None if unknown.
+
+  The load average cannot tell: at the end it is this invocation's own workers.
+  """
+  end = _cpu_clock()
+  if not start or not end or end["wall_s"] <= start["wall_s"]:
+    return None
+  other = (end["busy_s"] - start["busy_s"]) - (end["own_s"] - start["own_s"])
+  return max(0.0, other) / ((end["wall_s"] - start["wall_s"]) * max(cores, 1))
 
 
 def _load() -> str:
@@ -211,7 +260,8 @@ def _manual_dir(flag: str | None) -> str:
 
 def _write(args, argv, out, started, machine, ctx, peer_python, chosen, results) -> dict:
   """Writes the report (and --json) for the items finished so far; returns its meta."""
-  machine = dict(machine, load_end=_load())
+  machine = dict(machine, load_end=_load(),
+                 foreign_cpu=_foreign(machine.get("cpu_clock"), machine.get("cores") or 1))
   now = datetime.datetime.now(datetime.timezone.utc)
   meta = {"suite": args.suite, "dry_run": args.dry_run, "started": started.isoformat(),
           "seconds": (now - started).total_seconds(),

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -55,6 +56,7 @@ def test_every_item_measured_on_our_side(dry_run):
 def test_report_says_peer_skipped(dry_run):
   text, _ = dry_run
   assert "skipped (no torch)" in text
+  assert "other processes used" in text  # the measured share, not only the load
   assert "python -m benchmarks.run --suite=gpu --dry_run" in text
   loader_rows = [l for l in text.splitlines() if "examples/s, 0 workers" in l]
   assert len(loader_rows) == 1 and "x |" in loader_rows[0]  # ratio vs the smoke step
@@ -67,3 +69,31 @@ def test_verdict_flags_a_missed_target():
   slow = suites.Row("compile", "s", "a", "peer", "a", higher_better=False,
                     target=suites.Target("max_s", 10.0, "< 10 s"))
   assert report._verdict(slow, [12.0], [3.0]) == ("0.25x", "< 10 s: **NOT met**")
+
+
+def test_busy_flag_uses_other_processes_cpu_not_the_load():
+  """The end load is the benchmark's own workers: an idle run must not read as shared."""
+  own_load = {"cores": 2, "load": "0.5 0.5 0.5", "load_end": "2.6 2.7 3.4"}
+  assert not report._busy(dict(own_load, foreign_cpu=0.02))
+  assert report._busy(dict(own_load, foreign_cpu=0.4))
+  assert report._busy(dict(own_load, foreign_cpu=None))  # no /proc: the load decides
+
+
+def test_own_cpu_counts_live_workers():
+  """A live child's CPU is ours (so it is not counted as another job's)."""
+  from benchmarks import run  # pylint: disable=g-import-not-at-top
+  before = run._own_cpu_s()  # pylint: disable=protected-access
+  child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                            "while time.process_time() - t < 5: pass"])
+  try:
+    stat = f"/proc/{child.pid}/stat"
+    while child.poll() is None:  # until the child has burnt >= 1 s of CPU (not wall time)
+      fields = open(stat).read().rsplit(")", 1)[1].split()
+      if run._proc_cpu_s(fields) >= 1.0:  # pylint: disable=protected-access
+        break
+      time.sleep(0.05)  # (a busy poll would itself be >= 1 s of our CPU)
+    assert child.poll() is None, "the child should still be running"
+    assert run._own_cpu_s() - before >= 1.0  # pylint: disable=protected-access
+  finally:
+    child.kill()
+    child.wait()
