@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import common
+
 
 def _jax():
   from ctdiff_jax import xla_options  # pylint: disable=g-import-not-at-top
@@ -228,10 +230,7 @@ class RecordsItem:
     return counts
 
   def run(self):
-    t0 = time.perf_counter()
-    slices = sum(self._build())
-    dt = time.perf_counter() - t0
-    return {"volumes_s": len(self.cases) / dt, "slices_s": slices / dt}
+    return common.records_rates(self._build, len(self.cases))
 
 
 class LoaderItem:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import common
+
 
 def _torch():
   import torch  # pylint: disable=g-import-not-at-top
@@ -268,10 +270,7 @@ class RecordsItem:
     return counts
 
   def run(self):
-    t0 = time.perf_counter()
-    slices = sum(self._build())
-    dt = time.perf_counter() - t0
-    return {"volumes_s": len(self.cases) / dt, "slices_s": slices / dt}
+    return common.records_rates(self._build, len(self.cases))
 
 
 class CompileItem:
