@@ -118,7 +118,10 @@ def data_config() -> ml_collections.ConfigDict:
   data.mixed_weights = (1.0, 1.0, 1.0)  # mixed mode: weights of (organ, bbox, shape[, lesion]).
   data.lesion_label_id = 0  # lesion mode: the dataset's lesion label (0 = none).
   data.lesion_dilation_mm = 0.0  # lesion mode: grow the lesion mask by this many mm.
-  data.neighbours = False  # Previous/next slices in `cond` (cond channels 2 -> 4).
+  data.neighbours = False  # Previous/next slices + their known-pixel maps in `cond` (2 -> 6).
+  # neighbours: each neighbour is hidden inside the slice's mask with this probability (a 2.5D
+  # volume's not-yet-generated neighbour is unknown there; data/transforms.py).
+  data.neighbour_hide_prob = 0.0
   data.flip_lr_prob = 0.0  # Left-right flips (0: anatomy has laterality).
   data.translate_px = 0  # Max random translation in pixels (0 = off).
   data.intensity_jitter = 0.0  # j > 0: x -> clip(x * (1 + a) + b), a, b ~ U(-j, j).

@@ -19,16 +19,24 @@ Per record (see ctdiff_jax/ingest/records.py), `MakeExample` produces:
   image        float32 (H, W, 1) in [-1, 1]   CT slice through the intensity map
   mask         float32 (H, W, 1) in {0, 1}    1 = region to regenerate (see data/masks.py)
   cond         float32 (H, W, C)              concat([image * (1 - mask), mask]
-                                                     + [prev, next, prev_ok, next_ok]
+                                                     + [prev, next, prev_known, next_known]
                                                      if neighbours)
   labels       uint8   (H, W, 1)
   slice_index  int32   ()
 
 The masked region of cond's first channel is 0, i.e. mid-grey in [-1, 1].
 
-A missing neighbour (the builder repeats the edge slice at a volume end, so prev/next is
-bit-identical to the slice itself) would hand the model the answer, unmasked: it is zeroed and
-its 0/1 flag channel (prev_ok / next_ok, constant over the slice) says it is missing.
+prev_known / next_known are 0/1 maps of the pixels where the neighbour is known; an unknown
+pixel of a neighbour is 0 in its channel:
+- A missing neighbour (the builder repeats the edge slice at a volume end, so prev/next is
+  bit-identical to the slice itself) would hand the model the answer, unmasked: it is unknown
+  everywhere.
+- A hidden neighbour is unknown inside a mask. 2.5D generation (generation/volume25d.py)
+  hides a neighbour that is not generated yet inside its own slice of the 3D mask: its real
+  content there is what the volume regenerates, so it must not be copied. Training hides each
+  neighbour inside the slice's mask with probability data.neighbour_hide_prob, so one model
+  serves every case: both neighbours hidden (independent slices, the seed slice), one
+  generated and one hidden (the outward chain), both generated (a second pass).
 """
 
 from __future__ import annotations
@@ -141,6 +149,7 @@ class ExampleConfig:
   lesion_label_id: int = 0
   lesion_dilation_mm: float = 0.0
   neighbours: bool = False
+  neighbour_hide_prob: float = 0.0
   spacing_mm: float = 1.5
   flip_lr_prob: float = 0.0
   translate_px: int = 0
@@ -152,8 +161,9 @@ class ExampleConfig:
     object.__setattr__(self, "modality", modality_lib.check(self.modality))
     if self.mask_mode not in masks.MODES:
       raise ValueError(f"unknown mask_mode {self.mask_mode!r}; expected one of {masks.MODES}")
-    if not 0.0 <= self.flip_lr_prob <= 1.0:
-      raise ValueError(f"flip_lr_prob must be in [0, 1], got {self.flip_lr_prob}")
+    for name in ("flip_lr_prob", "neighbour_hide_prob"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
     if self.translate_px < 0 or self.intensity_jitter < 0:
       raise ValueError("translate_px and intensity_jitter must be >= 0")
 
@@ -320,23 +330,32 @@ def make_example(
       lesion_label_id=cfg.lesion_label_id,
       lesion_dilation_mm=cfg.lesion_dilation_mm,
   )[..., None]
+  hidden = None
+  if cfg.neighbours and cfg.neighbour_hide_prob > 0:  # No draw otherwise: same rng stream.
+    hidden = {k: mask for k in NEIGHBOURS if rng.uniform() < cfg.neighbour_hide_prob}
   return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours,
-                  present)
+                  present, hidden)
 
 
 def assemble(unit: Mapping[str, np.ndarray], mask: np.ndarray, labels: np.ndarray,
              slice_index: int, neighbours: bool,
-             present: Mapping[str, bool] | None = None) -> dict[str, np.ndarray]:
+             present: Mapping[str, bool] | None = None,
+             hidden: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """The model example from mapped images (`image`[, prev, next]) and a (H, W, 1) mask.
 
-  `present` (default: all present) flags each neighbour; a missing one is zeroed.
+  `present` (default: all present) flags each neighbour; a missing one is unknown everywhere.
+  `hidden`: neighbour -> (H, W[, 1]) mask of its pixels that are unknown (module docstring).
   """
   image_u = unit[records.IMAGE]
   parts = [image_u * (1.0 - mask), mask]
   if neighbours:
-    ok = {k: bool((present or {}).get(k, True)) for k in NEIGHBOURS}
-    parts += [unit[k] if ok[k] else np.zeros_like(image_u) for k in NEIGHBOURS]
-    parts += [np.full_like(image_u, float(ok[k])) for k in NEIGHBOURS]
+    known = {}
+    for k in NEIGHBOURS:
+      known[k] = np.full(image_u.shape, bool((present or {}).get(k, True)))
+      if hidden is not None and k in hidden:
+        known[k] &= np.asarray(hidden[k]).reshape(image_u.shape) <= 0
+    parts += [np.where(known[k], unit[k], 0.0).astype(image_u.dtype) for k in NEIGHBOURS]
+    parts += [known[k].astype(image_u.dtype) for k in NEIGHBOURS]
   return {
       "image": np.ascontiguousarray(image_u, np.float32),
       "mask": np.ascontiguousarray(mask, np.float32),
@@ -346,9 +365,11 @@ def assemble(unit: Mapping[str, np.ndarray], mask: np.ndarray, labels: np.ndarra
   }
 
 
-def example_with_mask(record: Mapping[str, Any], cfg: ExampleConfig,
-                      mask: np.ndarray) -> dict[str, np.ndarray]:
-  """The model example of a record with a given (H, W) mask (generation; no augmentation)."""
+def example_with_mask(record: Mapping[str, Any], cfg: ExampleConfig, mask: np.ndarray,
+                      hidden: Mapping[str, np.ndarray] | None = None
+                      ) -> dict[str, np.ndarray]:
+  """The model example of a record with a given (H, W) mask (generation; no augmentation);
+  `hidden`: neighbour -> (H, W) mask where it is unknown (see `assemble`)."""
   hu = {records.IMAGE: _field(record, records.IMAGE)}
   if cfg.neighbours:
     hu.update({k: _field(record, k) for k in NEIGHBOURS})
@@ -356,7 +377,7 @@ def example_with_mask(record: Mapping[str, Any], cfg: ExampleConfig,
   mask = np.asarray(mask, np.float32).reshape(unit[records.IMAGE].shape)
   labels = _field(record, records.LABELS).astype(np.uint8)
   return assemble(unit, mask, labels, record.get(records.SLICE_INDEX, -1), cfg.neighbours,
-                  neighbours_present(hu))
+                  neighbours_present(hu), hidden)
 
 
 class MakeExample(grain.RandomMapTransform):

@@ -17,10 +17,13 @@ was built from: `--manual_dir`, else config.manual_dir, else the build's own man
    to the host organ.
 3. Slices holding mask voxels are generated in order, outward from a seed slice (the one with
    the largest mask area) in both directions at once: each slice is conditioned on its
-   neighbours as they are at that moment, so an already generated neighbour takes the place
-   of the real one (the seed sees real neighbours; a neighbour not generated yet is real).
-   `independent=True` instead generates every slice at once with real neighbours (what
-   stacking independently generated slices gives; the comparison arm).
+   neighbours as they are at that moment. A generated neighbour is known everywhere; a
+   neighbour not generated yet is hidden inside its own slice of the 3D mask (its real
+   content there is what the volume replaces: copying it would leak the source) and known
+   outside it. The seed slice sees both neighbours hidden. `independent=True` instead
+   generates every slice at once, each with both neighbours hidden: stacking independently
+   generated slices (the comparison arm). The model is trained with hidden neighbours
+   (data.neighbour_hide_prob).
 4. The generated region is resampled back to the SOURCE grid (linear HU, nearest mask) and
    pasted into the source array in its stored orientation: outside the exported mask every
    voxel equals the source, bit for bit; shape, affine and header are the source's.
@@ -343,15 +346,24 @@ def _record(cur: np.ndarray, plan: VolumePlan, z: int) -> dict[str, Any]:
           records.SPACING_MM: sp}
 
 
+def _hidden(plan: VolumePlan, done: np.ndarray, z: int) -> dict[str, np.ndarray]:
+  """The neighbours of slice z not generated yet, each hidden inside its slice of the mask."""
+  out = {}
+  for key, zn in ((records.PREV_IMAGE, z - 1), (records.NEXT_IMAGE, z + 1)):
+    if 0 <= zn < len(done) and not done[zn]:
+      out[key] = plan.mask[zn]
+  return out
+
+
 def generate_grids(inpainter, ecfg: transforms.ExampleConfig, plans: Sequence[VolumePlan],
                    seed: int, *, independent: bool = False, passes: int = 1,
                    order: str = "outward", progress: bool = True) -> list[np.ndarray]:
   """The generated (Z, S, S) int16 HU volume of every plan (source HU outside its mask).
 
   2.5D (default): the steps of VolumePlan.order, every volume's step k in one batch; each
-  step reads the neighbours as generated so far; `passes=2` then regenerates every slice in
-  the same order, now with both neighbours generated. independent: all mask slices in one
-  pass with the real neighbours.
+  step reads the neighbours as generated so far (one not generated yet is hidden inside its
+  mask); `passes=2` then regenerates every slice in the same order, now with both neighbours
+  generated. independent: all mask slices in one pass, every neighbour hidden inside its mask.
   """
   if not 1 <= passes <= MAX_PASSES:
     raise VolumeModeError(f"passes must be 1..{MAX_PASSES}, got {passes}")
@@ -362,10 +374,12 @@ def generate_grids(inpainter, ecfg: transforms.ExampleConfig, plans: Sequence[Vo
   total = passes * sum(len(s) for o in orders for s in o)
   bar = tqdm.tqdm(total=total, desc="generating volumes (independent slices)" if independent
                   else "generating volumes (2.5D)", unit="slice", disable=not progress)
+  done = [np.zeros(len(p.mask), bool) for p in plans]  # slices generated so far
   for p, k in [(p, k) for p in range(passes) for k in range(max(len(o) for o in orders))]:
     jobs = [(j, z) for j, o in enumerate(orders) if k < len(o) for z in o[k]]
     examples = [transforms.example_with_mask(_record(cur[j], plans[j], z), ecfg,
-                                             plans[j].mask[z]) for j, z in jobs]
+                                             plans[j].mask[z], _hidden(plans[j], done[j], z))
+                for j, z in jobs]
     batch = {key: np.stack([e[key] for e in examples]) for key in ("image", "mask", "cond")}
     out = inpainter.inpaint(batch, seed, progress=False,
                             indices=[(plans[j].index * MAX_PASSES + p) * Z_STRIDE + z
@@ -374,6 +388,7 @@ def generate_grids(inpainter, ecfg: transforms.ExampleConfig, plans: Sequence[Vo
     hu = np.clip(hu, -32768, 32767).astype(np.int16)
     for (j, z), h in zip(jobs, hu):
       cur[j][z] = np.where(plans[j].mask[z], h, cur[j][z])
+      done[j][z] = True
     bar.update(len(jobs))
   bar.close()
   return cur

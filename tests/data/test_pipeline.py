@@ -162,6 +162,50 @@ def test_missing_neighbour_is_zeroed_and_flagged(missing, flip):
         assert not np.array_equal(ex["cond"][..., c][m], ex["image"][..., 0][m]), c
 
 
+def test_hidden_neighbours_are_unknown_inside_the_mask():
+  """neighbour_hide_prob hides each neighbour inside the slice's mask, independently (the
+  2.5D chain's not-yet-generated neighbour); 0 keeps examples and the rng stream as before."""
+  rec = _record(1)
+  base = dict(neighbours=True, mask_mode="organ", intensity_hu=(-500.0, 500.0),
+              intensity_unit=(-1.0, 1.0))
+  plain = transforms.make_example(rec, transforms.ExampleConfig.from_data_config(_cfg(**base)),
+                                  np.random.default_rng(0))
+  zero = transforms.make_example(
+      rec, transforms.ExampleConfig.from_data_config(_cfg(neighbour_hide_prob=0.0, **base)),
+      np.random.default_rng(0))
+  for k in plain:
+    np.testing.assert_array_equal(zero[k], plain[k])
+  m = plain["mask"][..., 0] > 0
+  assert 0 < m.sum() < m.size
+  cfg = transforms.ExampleConfig.from_data_config(_cfg(neighbour_hide_prob=0.5, **base))
+  seen = set()
+  for s in range(40):
+    ex = transforms.make_example(rec, cfg, np.random.default_rng(s))
+    hid = []
+    for c in (2, 3):
+      known = ex["cond"][..., c + 2]
+      if np.all(known == 1):
+        np.testing.assert_array_equal(ex["cond"][..., c], plain["cond"][..., c])
+        hid.append(False)
+        continue
+      np.testing.assert_array_equal(known, ~m)  # hidden exactly inside the slice's mask
+      np.testing.assert_array_equal(ex["cond"][..., c][m], 0.0)
+      np.testing.assert_array_equal(ex["cond"][..., c][~m], plain["cond"][..., c][~m])
+      hid.append(True)
+    seen.add(tuple(hid))
+  assert seen == {(False, False), (False, True), (True, False), (True, True)}
+  # Generation: a given hidden map (here the next neighbour's own mask, other than the slice's).
+  other = np.zeros_like(m)
+  other[2:6, 2:6] = True
+  ex = transforms.example_with_mask(rec, cfg, m, {records.NEXT_IMAGE: other})
+  np.testing.assert_array_equal(ex["cond"][..., 4], 1.0)
+  np.testing.assert_array_equal(ex["cond"][..., 5], ~other)
+  np.testing.assert_array_equal(ex["cond"][..., 3][other], 0.0)
+  np.testing.assert_array_equal(ex["cond"][..., 3][~other], plain["cond"][..., 3][~other])
+  with pytest.raises(ValueError, match="neighbour_hide_prob must be in"):
+    transforms.ExampleConfig(neighbour_hide_prob=1.5)
+
+
 def test_flip_is_refused_for_sided_labels():
   """A flip does not swap kidney_left/kidney_right: refuse it rather than train wrong labels."""
   sided = {"1": "kidney_left", "2": "kidney_right", "3": "liver"}

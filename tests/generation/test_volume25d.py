@@ -161,7 +161,7 @@ def test_2p5d_conditions_on_generated_neighbours(data):
   assert all(not np.array_equal(both[0][z], both[1][z]) for z in rest)
   outside = ~plan.mask
   assert np.array_equal(both[1][outside], plan.host.grid_hu[outside])
-  # Interleaved: every other slice sees real neighbours (= independent), the rest generated.
+  # Interleaved: every other slice sees hidden neighbours (= independent), the rest generated.
   inter = volume25d.generate_grids(data["inpainter"], ecfg, [plan], 0, order="interleaved",
                                    progress=False)[0]
   first, second = plan.order("interleaved")
@@ -172,6 +172,67 @@ def test_2p5d_conditions_on_generated_neighbours(data):
                                  progress=False)[0]
   assert all(not np.array_equal(two[z], both[1][z]) for z in rest + [seed])
   assert np.array_equal(two[outside], plan.host.grid_hu[outside])
+
+
+class Recording:
+  """An inpainter that records the `cond` and noise index of every slice it is asked for."""
+
+  def __init__(self, inner):
+    self.inner, self.calls = inner, []
+
+  def inpaint(self, batch, seed, *, indices, progress=False):
+    self.calls.append((np.array(batch["cond"]), list(indices)))
+    return self.inner.inpaint(batch, seed, indices=indices, progress=progress)
+
+
+@pytest.mark.parametrize("independent", [True, False])
+def test_no_real_content_inside_the_3d_mask_reaches_the_model(data, independent):
+  """A neighbour not generated yet is hidden inside its own slice of the 3D mask (its real
+  content there is what the volume replaces); a generated one is known everywhere."""
+  config = data["config"]
+  meta = sources.metadata(config)
+  cases, hosts, donors = volume25d.open_cases(meta, "train", None, None)
+  spec = runner.GenerateSpec("context", seed=0)
+  planner = volume25d.VolumePlanner(meta, config.data, spec, cases, hosts, donors, SIZE,
+                                    SPACING)
+  plan = next(planner.plans(1, 0))
+  ecfg = transforms.ExampleConfig.from_data_config(config.data)
+  rec = Recording(data["inpainter"])
+  out = volume25d.generate_grids(rec, ecfg, [plan], 0, independent=independent,
+                                 progress=False)[0]
+  real, mask, nz = plan.host.grid_hu, plan.mask, len(plan.mask)
+  steps = [[] for _ in rec.calls]
+  for k, (cond, indices) in enumerate(rec.calls):
+    steps[k] = [i % volume25d.Z_STRIDE for i in indices]
+  done_before = {}
+  for k, zs in enumerate(steps):
+    for z in zs:
+      done_before[z] = {w for s in steps[:k] for w in s}
+  assert sorted(done_before) == list(np.flatnonzero(mask.any(axis=(1, 2))))
+  if independent:
+    assert len(steps) == 1
+  else:
+    assert len(steps) > 2 and len(steps[0]) == 1
+  hidden_seen = generated_seen = 0
+  for (cond, _), zs in zip(rec.calls, steps):
+    for c, z in zip(cond, zs):
+      for ch, zn in ((2, z - 1), (3, z + 1)):
+        known = c[..., ch + 2] > 0
+        if not 0 <= zn < nz:  # past the volume end: missing
+          assert not known.any()
+        elif zn in done_before[z]:  # generated: known everywhere, the generated slice
+          generated_seen += 1
+          assert known.all()
+          np.testing.assert_allclose(
+              c[..., ch], transforms.hu_to_unit(out[zn], ecfg.intensity), atol=1e-6)
+        else:  # real: hidden inside its mask, the source outside it
+          hidden_seen += mask[zn].any()
+          np.testing.assert_array_equal(known, ~mask[zn])
+          np.testing.assert_array_equal(c[..., ch][mask[zn]], 0.0)
+          np.testing.assert_allclose(c[..., ch][~mask[zn]], transforms.hu_to_unit(
+              real[zn], ecfg.intensity)[~mask[zn]], atol=1e-6)
+  assert hidden_seen > 0
+  assert (generated_seen > 0) != independent
 
 
 def test_volume_mode_refuses_models_without_neighbours_and_2d_options(data, tmp_path):
