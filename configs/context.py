@@ -20,4 +20,6 @@ def get_config(variant: str = ""):
   config = default.for_dataset("kidneys", variant, mask_mode="mixed")
   config.data.mixed_weights = (0.0, 2.0, 1.0)  # (organ, bbox, shape)
   config.data.neighbours = True
+  # 2.5D volumes: a neighbour not generated yet is hidden inside its mask (transforms.py).
+  config.data.neighbour_hide_prob = 0.5
   return config

@@ -16,4 +16,6 @@ from configs import kidney_tumor
 def get_config(variant: str = ""):
   config = kidney_tumor.get_config(variant)
   config.data.neighbours = True  # Previous/next slices in `cond` (2.5D generation needs them).
+  # A neighbour not generated yet is hidden inside its mask (data/transforms.py).
+  config.data.neighbour_hide_prob = 0.5
   return config

@@ -1,14 +1,17 @@
-"""The 2.5D acceptance numbers of issue #14 on the shared real CT (host s01).
+"""The 2.5D acceptance numbers of issue #14: on the shared real CT (host s01) or the phantom.
 
-The dataset is scripts/check_tumor_real_ct.py's (s01, s02 and two phantom cases with lesions),
+`--cohort=s01`: the dataset is scripts/check_tumor_real_ct.py's (s01, s02 and two phantom
+cases with lesions), and the hosts are the split holding s01. `--cohort=phantom`: the
+quickstart's phantom cohort (16 cases with lesions, seed 0), hosts = its test split. Each is
 built twice: `kidneys` for the context model (configs/context.py) and `kidney_tumor` for the
 neighbour-conditioned tumour model (configs/kidney_tumor_volume.py). Both are trained at
-quickstart size; then every volume of the split holding s01 is generated twice, slice by slice
-with real neighbours (independent) and outward with generated neighbours (2.5D), for the
-`context` and the `tumor` scenario, and volume_metrics.{md,json} (2.5D FID per plane, the
-inter-slice |dHU| inside the mask: real, independent, 2.5D) are written per scenario.
+quickstart size; then every host volume is generated twice, slice by slice with both
+neighbours hidden inside the mask (independent) and outward with generated neighbours (2.5D),
+for the `context` and the `tumor` scenario, and volume_metrics.{md,json} (2.5D FID per plane,
+the inter-slice |dHU| inside the mask: real, independent, 2.5D) are written per scenario.
 
-  python scripts/check_volume25d_real_ct.py --output_dir=/tmp/volume25d_real_ct [--steps=1200]
+  python scripts/check_volume25d_real_ct.py --output_dir=/tmp/volume25d_real_ct \
+      [--cohort=s01|phantom] [--steps=1200]
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def _args():
   p.add_argument("--output_dir", default="/tmp/volume25d_real_ct", help="Work folder.")
   p.add_argument("--shared_dir", default=os.environ.get("CTDIFF_SHARED_DIR", "../shared"),
                  help="The shared folder holding data/totalseg_ct.")
+  p.add_argument("--cohort", choices=("s01", "phantom"), default="s01",
+                 help="s01: the shared real CT; phantom: the quickstart's phantom cohort.")
   p.add_argument("--steps", type=int, default=1200, help="Training steps of each model.")
   p.add_argument("--sampling_steps", type=int, default=10, help="DDIM steps per slice.")
   p.add_argument("--seed", type=int, default=0, help="Seed.")
@@ -46,14 +51,21 @@ def main():
   from ctdiff_jax.training import trainer
   # pylint: enable=g-import-not-at-top
   root = os.path.abspath(args.output_dir)
-  raw = check_tumor_real_ct.raw_cases(
-      root, os.path.abspath(os.path.join(args.shared_dir, "data", "totalseg_ct")))
+  if args.cohort == "s01":
+    raw = check_tumor_real_ct.raw_cases(
+        root, os.path.abspath(os.path.join(args.shared_dir, "data", "totalseg_ct")))
+  else:
+    from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
+    raw = os.path.join(root, "raw")
+    if not os.path.exists(os.path.join(raw, "labels.json")):
+      phantom.write_cohort(raw, 16, seed=0, lesions=True, progress=False)
   out = {}
   for scenario, dataset, module in (("context", "kidneys", context),
                                     ("tumor", "kidney_tumor", kidney_tumor_volume)):
     data_dir = os.path.join(root, f"tfds_{dataset}")
     summary = ingest_build.build(dataset, raw, data_dir, image_size=64, spacing_mm=6.0)
-    split = next(s for s, ids in summary["cases"].items() if "s01" in ids)
+    split = ("test" if args.cohort == "phantom" else
+             next(s for s, ids in summary["cases"].items() if "s01" in ids))
     hosts = summary["cases"][split]
     config = quickstart.smoke_config(module, data_dir=data_dir, image_size=64, spacing_mm=6.0,
                                      steps=args.steps, seed=args.seed,

@@ -20,16 +20,14 @@ import numpy as np
 import pytest
 
 from configs import kidneys
-from ctdiff_jax import phantom
 from ctdiff_jax import xla_options
-from ctdiff_jax.ingest import build as ingest_build
 from ctdiff_jax.training import checkpointing
 from ctdiff_jax.training import parallel
 from ctdiff_jax.training import tasks
 from ctdiff_jax.training import writers
+from phantom_kidneys import SIZE, SPACING  # the grid of the `data_dir` fixture (conftest.py)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-SIZE, SPACING = 32, 12.0  # as tests/training/test_train.py
 STEPS = 2  # the 2-process run; the reference and the 1-process resume go one step further
 TIMEOUT_S = 600  # a hang; a failing process stops the run at once (launch)
 
@@ -74,14 +72,6 @@ except BaseException:  # exit now: JAX's shutdown would wait minutes for the oth
   sys.stdout.flush()
   os._exit(1)
 """
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> pathlib.Path:
-  root = tmp_path_factory.mktemp("multihost_data")
-  phantom.write_cohort(root / "raw", 4, seed=0, progress=False)
-  ingest_build.build("kidneys", root / "raw", root / "tfds", image_size=SIZE, spacing_mm=SPACING)
-  return root / "tfds"
 
 
 # The smoke config at its smallest (the compiles dominate): a 2-level UNet without attention.

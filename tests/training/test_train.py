@@ -1,7 +1,6 @@
 """Training: model shapes per config, 1- vs 2-device steps, loss decrease, resume, NaN abort."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,25 +8,14 @@ import numpy as np
 import pytest
 
 from configs import abdomen, kidney_tumor, kidneys, liver, lungs
-from ctdiff_jax.ingest import build as ingest_build
 from ctdiff_jax.training import checkpointing
 from ctdiff_jax.training import parallel
-from ctdiff_jax import phantom
 from ctdiff_jax.training import tasks
 from ctdiff_jax.training import trainer
 from ctdiff_jax.training import writers
 from ctdiff_jax.data import pipeline
 from no_tf import run_python
-
-SIZE, SPACING = 32, 12.0  # 32 px x 12 mm covers the phantom's 384 mm field of view.
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> pathlib.Path:
-  root = tmp_path_factory.mktemp("train_data")
-  phantom.write_cohort(root / "raw", 4, seed=0, progress=False)
-  ingest_build.build("kidneys", root / "raw", root / "tfds", image_size=SIZE, spacing_mm=SPACING)
-  return root / "tfds"
+from phantom_kidneys import SIZE, SPACING  # the grid of the `data_dir` fixture (conftest.py)
 
 
 def smoke_config(data_dir, **overrides):
