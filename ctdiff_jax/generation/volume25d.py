@@ -60,6 +60,8 @@ from ctdiff_jax.ingest import volumes
 
 # --volume_mode values ("" = the per-slice export).
 VOLUME_MODES = ("2.5d",)
+# VolumePlan.order kinds.
+ORDERS = ("outward", "inward", "interleaved")
 # Noise index of slice z of volume i in pass p: (i * MAX_PASSES + p) * Z_STRIDE + z (volumes
 # have fewer slices than Z_STRIDE).
 Z_STRIDE = 4096
@@ -160,11 +162,16 @@ class VolumePlan:
 
   def order(self, kind: str = "outward") -> list[list[int]]:
     """Generation steps of the mask slices. outward: [[seed z], [seed+1, seed-1],
-    [seed+2, seed-2], ...]; interleaved: [every other mask slice, the ones between]."""
+    [seed+2, seed-2], ...]; inward: from both ends of the mask in z towards the middle,
+    [[first, last], [first+1, last-1], ...] (the end slices read the real slices beyond the
+    mask); interleaved: [every other mask slice, the ones between]."""
     area = self.mask.sum(axis=(1, 2))
     zs = np.flatnonzero(area)
     if kind == "interleaved":
       return [s for s in ([int(z) for z in zs[::2]], [int(z) for z in zs[1::2]]) if s]
+    if kind == "inward":
+      half = (len(zs) + 1) // 2
+      return [sorted({int(zs[k]), int(zs[-1 - k])}) for k in range(half)]
     # The largest mask area; among equal ones (a box) the most central: shortest chains.
     ties = zs[area[zs] == area[zs].max()]
     seed = int(ties[np.argmin(np.abs(ties - (zs[0] + zs[-1]) / 2))])

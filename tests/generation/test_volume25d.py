@@ -261,3 +261,57 @@ def test_interslice_difference_and_plane_images():
                                fid=False)
   assert res["arms"]["real"]["interslice_hu"] == pytest.approx(80 / 12)
   assert res["arms"]["flat"]["interslice_hu"] == 0.0
+
+
+def test_paired_comparison_of_two_arms():
+  """delta > 0 when the arm is closer to real than the base; identical arms differ by exactly
+  0 in every resample (one index for real, base and arm); swapping them negates the delta."""
+  rng = np.random.default_rng(0)
+  real = [rng.normal(0, 10, (8, 12, 12)) for _ in range(2)]
+  masks = [np.zeros((8, 12, 12), bool) for _ in range(2)]
+  for m in masks:
+    m[2:6, 3:9, 3:9] = True
+  noisy = [v + rng.normal(0, 40, v.shape) for v in real]
+  close = [v + rng.normal(0, 2, v.shape) for v in real]
+  # Features of a plane image: its 4 quadrant means (a stand-in for Inception: any fixed map).
+  features = lambda x: x[:, :298, :298].reshape(len(x), 2, 149, 2, 149, 3).mean(
+      axis=(2, 4, 5)).reshape(len(x), 4).astype(np.float64)
+  res = volume_metrics.compare(real, {"independent": noisy, "2.5D": close}, masks,
+                               (-60, 60), features=features)
+  comp = res["comparisons"]["2.5D vs independent"]
+  arms = res["arms"]
+  assert comp["interslice_hu"]["delta"] == pytest.approx(
+      abs(arms["independent"]["interslice_hu"] - arms["real"]["interslice_hu"]) -
+      abs(arms["2.5D"]["interslice_hu"] - arms["real"]["interslice_hu"]))
+  assert comp["interslice_hu"]["delta"] > 0 and comp["interslice_hu"]["closer_fraction"] == 1.0
+  for p in volume_metrics.PLANES:
+    c = comp[f"fid_{p}"]
+    assert c["delta"] == pytest.approx(arms["independent"][f"fid_{p}"]["fid"] -
+                                       arms["2.5D"][f"fid_{p}"]["fid"])
+    assert c["ci95"][0] <= c["ci95"][1] and c["resamples"] == volume_metrics.DELTA_BOOTSTRAP
+  same = volume_metrics.compare(real, {"a": noisy, "b": noisy}, masks, (-60, 60),
+                                features=features)["comparisons"]["b vs a"]
+  assert all(c["delta"] == 0.0 and c["std"] == 0.0 for c in same.values())
+  swapped = volume_metrics.compare(real, {"2.5D": close, "independent": noisy}, masks,
+                                   (-60, 60), features=features)["comparisons"]
+  back = swapped["independent vs 2.5D"]
+  for key, c in comp.items():
+    assert back[key]["delta"] == pytest.approx(-c["delta"])
+  assert "How much closer to real 2.5D is than independent" in volume_metrics.markdown(res)
+
+
+@pytest.mark.parametrize("zs", [[2, 3, 4, 5, 6], [1, 2, 3, 4], [5]])
+def test_orders_cover_every_mask_slice_once(zs):
+  mask = np.zeros((9, 4, 4), bool)
+  for z in zs:
+    mask[z, 1:3, 1:1 + (z % 3) + 1] = True
+  plan = volume25d.VolumePlan(0, 0, None, mask, mask.astype(np.uint8), {})
+  for kind in volume25d.ORDERS:
+    steps = plan.order(kind)
+    assert sorted(z for s in steps for z in s) == zs, kind
+  inward = plan.order("inward")
+  assert inward[0] == sorted({zs[0], zs[-1]})  # the ends first: they read the real slices
+  depth = [[min(z - zs[0], zs[-1] - z) for z in s] for s in inward]
+  assert all(d == [k] * len(d) for k, d in enumerate(depth))  # step k: k slices in from an end
+  outward = plan.order("outward")
+  assert len(outward[0]) == 1 and mask[outward[0][0]].sum() == mask.sum(axis=(1, 2)).max()
