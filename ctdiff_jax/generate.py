@@ -71,6 +71,9 @@ def _define_flags():
   flags.DEFINE_enum("volume_mode", "", ("",) + volume25d.VOLUME_MODES, "2.5d: whole source "
                     "volumes, slice by slice conditioned on the generated neighbours "
                     "(generation/volume25d.py); --num_samples counts volumes.")
+  flags.DEFINE_enum("volume_order", "outward", volume25d.ORDERS, "Volume mode: the order of "
+                    "the slices: outward from the largest mask slice, inward from both ends "
+                    "of the mask in z, or interleaved (every other slice, then the rest).")
   flags.DEFINE_string("manual_dir", None, "Volume mode: the raw cases (default: "
                       "config.manual_dir, else the dataset build's).")
   flags.DEFINE_bool("volume_metrics", False, "Volume mode: also generate the volumes slice by "
@@ -109,7 +112,8 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError("--volume_mode=2.5d runs in one process and writes NIfTI volumes: "
                            "drop --distributed/--num_processes/--tfds/--volumes")
     summary = volume25d.generate(fl.config, checkpoint, spec, fl.output_dir,
-                                 manual_dir=fl.manual_dir, compare=fl.volume_metrics)
+                                 manual_dir=fl.manual_dir, compare=fl.volume_metrics,
+                                 order=fl.volume_order)
     print(volume25d.format_summary(summary))
     return
   summary = runner.generate(fl.config, checkpoint, spec, fl.output_dir, shard=_shard(fl))

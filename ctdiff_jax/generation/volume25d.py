@@ -70,8 +70,8 @@ MAX_PASSES = 2  # generate_grids: the outward pass, then optionally one more ove
 MAX_TUMOR_TRIES = 20
 MANIFEST_COLUMNS = (
     "index", "scenario", "source_case", "source_split", "round", "seed", "checkpoint_step",
-    "mode", "source_image", "mask_voxels", "slices_generated", "z_first", "z_last", "seed_slice",
-    "donor_case", "donor_slices", "tumour_slices", "offset", "ct_file", "seg_file", "mask_file",
+    "mode", "order", "source_image", "mask_voxels", "slices_generated", "z_first", "z_last",
+    "seed_slice", "donor_case", "donor_slices", "tumour_slices", "offset", "ct_file", "seg_file", "mask_file",
     "preview")
 
 
@@ -555,11 +555,12 @@ def write_volume(output_dir: str, plan: VolumePlan, arms: dict[str, np.ndarray],
   rows = {"source": vol.canonical, **{n: p["ct"] for n, p in pasted.items()}}
   three_plane_png(os.path.join(output_dir, preview), rows, out["mask"], vol.spacing, window)
   zs = np.flatnonzero(plan.mask.any(axis=(1, 2)))
-  order = plan.order()
+  order = plan.order(run.get("order", "outward"))
   return {**run, "index": plan.index, "source_case": vol.case_id, "round": plan.round,
           "source_image": vol.image_path, "mask_voxels": int(out["mask"].sum()),
           "slices_generated": int(len(zs)), "z_first": int(zs[0]), "z_last": int(zs[-1]),
-          "seed_slice": order[0][0], "donor_case": plan.info.get("donor_case", ""),
+          "seed_slice": " ".join(str(z) for z in order[0]),  # inward: both ends
+          "donor_case": plan.info.get("donor_case", ""),
           "donor_slices": plan.info.get("donor_slices", ""),
           "tumour_slices": plan.info.get("tumour_slices", ""),
           "offset": " ".join(str(v) for v in plan.info.get("offset", ())),
@@ -575,16 +576,20 @@ def _inpainter(config, checkpoint, spec):
 
 
 def generate(config, checkpoint, spec, output_dir: str, *, manual_dir: str | None = None,
-             compare: bool = False, progress: bool = True) -> dict[str, Any]:
+             compare: bool = False, order: str = "outward",
+             progress: bool = True) -> dict[str, Any]:
   """`spec.num_samples` 2.5D volumes of `spec`'s scenario into `output_dir` (module docstring).
 
   `checkpoint`: a workdir / checkpoints dir or an inference.Inpainter. With `compare`, the
   same volumes are also generated slice by slice (independent arm) and volume_metrics.{md,json}
   (2.5D FID per plane, inter-slice difference: real, independent, 2.5D) are written.
+  `order`: the slice order of the 2.5D arm (VolumePlan.order).
   """
   from ctdiff_jax.data import sources  # pylint: disable=g-import-not-at-top
   from ctdiff_jax.generation import runner  # pylint: disable=g-import-not-at-top
   check_request(config, spec)
+  if order not in ORDERS:
+    raise VolumeModeError(f"unknown volume order {order!r}; expected one of {ORDERS}")
   output_dir = os.path.abspath(os.path.expanduser(output_dir))
   _check_output_dir(output_dir, spec.overwrite)
   meta = sources.metadata(config)
@@ -600,10 +605,11 @@ def generate(config, checkpoint, spec, output_dir: str, *, manual_dir: str | Non
   if compare:
     arms["independent"] = generate_grids(inpainter, ecfg, plans, spec.seed, independent=True,
                                          progress=progress)
-  arms["2.5D"] = generate_grids(inpainter, ecfg, plans, spec.seed, progress=progress)
+  arms["2.5D"] = generate_grids(inpainter, ecfg, plans, spec.seed, order=order,
+                                progress=progress)
   host_ids = planner.scenario.label_ids if spec.scenario == "tumor" else None
   run = {"scenario": spec.scenario, "source_split": split, "seed": spec.seed, "mode": "2.5d",
-         "checkpoint_step": int(inpainter.step)}
+         "order": order, "checkpoint_step": int(inpainter.step)}
   window = runner.display_window(config)
   rows = [write_volume(output_dir, p, {k: v[j] for k, v in arms.items()}, host_ids, window,
                        run) for j, p in enumerate(plans)]

@@ -315,3 +315,17 @@ def test_orders_cover_every_mask_slice_once(zs):
   assert all(d == [k] * len(d) for k, d in enumerate(depth))  # step k: k slices in from an end
   outward = plan.order("outward")
   assert len(outward[0]) == 1 and mask[outward[0][0]].sum() == mask.sum(axis=(1, 2)).max()
+
+
+def test_volume_order_is_recorded_and_checked(data, tmp_path):
+  spec = runner.GenerateSpec("context", num_samples=1, seed=0, split="train")
+  summary = volume25d.generate(data["config"], data["inpainter"], spec, str(tmp_path / "in"),
+                               order="inward", progress=False)
+  row = summary["rows"][0]
+  assert row["order"] == "inward"
+  assert row["seed_slice"] == f"{row['z_first']} {row['z_last']}"
+  with open(tmp_path / "in" / "manifest.csv", newline="") as f:
+    assert next(csv.DictReader(f))["order"] == "inward"
+  with pytest.raises(volume25d.VolumeModeError, match="unknown volume order 'sideways'"):
+    volume25d.generate(data["config"], data["inpainter"], spec, str(tmp_path / "x"),
+                       order="sideways", progress=False)
