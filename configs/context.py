@@ -10,7 +10,12 @@ cannot be guessed from its border alone.
 Measured at quickstart size (kidneys test split, 16 slices, 1200 steps, DDIM-25), in-box MAE /
 W1 in HU against the ring-mean fill (95.4 / 79.3): without neighbours 122.3 / 41.0 (plausible
 but misplaced spine, gas and kidney: worse than the flat fill by MAE); with neighbours
-58.3 / 24.9. Copying the previous slice into the box scores 43.0 / 6.2.
+58.3 / 24.9. Copying the previous slice into the box scores 43.0 / 6.2. (Measured before
+`neighbour_hide_prob`.)
+
+`neighbour_hide_prob`: each neighbour is hidden inside the box half the time in training, so
+the same model fills 2.5D volumes (`generate --volume_mode=2.5d`), where a neighbour not
+generated yet is unknown inside its own slice of the 3D box.
 """
 
 from configs import default

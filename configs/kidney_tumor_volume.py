@@ -8,6 +8,10 @@ of the neighbour-conditioned model were closer to the host tissue they replace t
 lesions (W1 30.5 HU to real lesions vs 13.2 HU to the replaced host; kidney_tumor without
 neighbours: 26.5 vs 30.5): the real neighbours show tumour-free host organ and the model
 copies it, so the 2D tumour scenario keeps the model without neighbours.
+
+In a 2.5D volume a neighbour not generated yet is hidden inside its slice of the 3D mask (the
+real host there is what the volume replaces), so the model is trained with each neighbour
+hidden inside the mask half the time (`neighbour_hide_prob`; data/transforms.py).
 """
 
 from configs import kidney_tumor

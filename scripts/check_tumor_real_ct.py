@@ -55,7 +55,8 @@ def main():
   args = _args()
   # pylint: disable=g-import-not-at-top
   from configs import kidney_tumor
-  from ctdiff_jax import quickstart
+  from ctdiff_jax import quickstart, xla_options
+  xla_options.apply()  # as the CLIs: -O1 kernels on a CPU-only install
   from ctdiff_jax.data import sources
   from ctdiff_jax.evaluation import scenario_metrics as sm
   from ctdiff_jax.generation import runner
