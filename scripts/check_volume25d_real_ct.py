@@ -5,13 +5,16 @@ cases with lesions), and the hosts are the split holding s01. `--cohort=phantom`
 quickstart's phantom cohort (16 cases with lesions, seed 0), hosts = its test split. Each is
 built twice: `kidneys` for the context model (configs/context.py) and `kidney_tumor` for the
 neighbour-conditioned tumour model (configs/kidney_tumor_volume.py). Both are trained at
-quickstart size; then every host volume is generated twice, slice by slice with both
-neighbours hidden inside the mask (independent) and outward with generated neighbours (2.5D),
-for the `context` and the `tumor` scenario, and volume_metrics.{md,json} (2.5D FID per plane,
-the inter-slice |dHU| inside the mask: real, independent, 2.5D) are written per scenario.
+quickstart size (64 px at 6 mm) for --steps (a workdir already trained is reused); then every
+host volume is generated --rounds times (new noise; new tumour placements) and twice: slice
+by slice with both neighbours hidden inside the mask (independent), and in --order with
+generated neighbours (2.5D), for the `context` and the `tumor` scenario, and
+volume_metrics.{md,json} (2.5D FID per plane, the inter-slice |dHU| inside the mask: real,
+independent, 2.5D, and the paired comparison) are written per scenario.
 
   python scripts/check_volume25d_real_ct.py --output_dir=/tmp/volume25d_real_ct \
-      [--cohort=s01|phantom] [--steps=1200]
+      [--cohort=s01|phantom] [--steps=3600] [--order=outward|inward] \
+      [--scenarios=context,tumor] [--rounds=N]
 """
 
 from __future__ import annotations
@@ -33,7 +36,11 @@ def _args():
                  help="The shared folder holding data/totalseg_ct.")
   p.add_argument("--cohort", choices=("s01", "phantom"), default="s01",
                  help="s01: the shared real CT; phantom: the quickstart's phantom cohort.")
-  p.add_argument("--steps", type=int, default=1200, help="Training steps of each model.")
+  p.add_argument("--steps", type=int, default=3600, help="Training steps of each model.")
+  p.add_argument("--rounds", type=int, default=0, help="Volumes per host (0: 4 for the "
+                 "tumour, whose placements differ, 2 for the context box, whose mask does not).")
+  p.add_argument("--scenarios", default="context,tumor", help="Comma-separated scenarios.")
+  p.add_argument("--order", default="outward", help="The 2.5D slice order (--volume_order).")
   p.add_argument("--sampling_steps", type=int, default=10, help="DDIM steps per slice.")
   p.add_argument("--seed", type=int, default=0, help="Seed.")
   return p.parse_args()
@@ -62,6 +69,8 @@ def main():
   out = {}
   for scenario, dataset, module in (("context", "kidneys", context),
                                     ("tumor", "kidney_tumor", kidney_tumor_volume)):
+    if scenario not in args.scenarios.split(","):
+      continue
     data_dir = os.path.join(root, f"tfds_{dataset}")
     summary = ingest_build.build(dataset, raw, data_dir, image_size=64, spacing_mm=6.0)
     split = ("test" if args.cohort == "phantom" else
@@ -70,18 +79,22 @@ def main():
     config = quickstart.smoke_config(module, data_dir=data_dir, image_size=64, spacing_mm=6.0,
                                      steps=args.steps, seed=args.seed,
                                      sampling_steps=args.sampling_steps)
-    workdir = os.path.join(root, f"run_{scenario}")
-    trainer.train_and_evaluate(config, workdir)
-    spec = runner.GenerateSpec(scenario=scenario, num_samples=len(hosts), seed=args.seed,
-                               split=split, steps=args.sampling_steps, overwrite=True)
-    gen = volume25d.generate(config, workdir, spec, os.path.join(root, f"gen_{scenario}"),
-                             compare=True, progress=False)
+    workdir = os.path.join(root, f"run_{scenario}_{args.steps}")
+    trainer.train_and_evaluate(config, workdir)  # resumes; nothing to do when trained
+    rounds = args.rounds or (4 if scenario == "tumor" else 2)
+    spec = runner.GenerateSpec(scenario=scenario, num_samples=len(hosts) * rounds,
+                               seed=args.seed, split=split, steps=args.sampling_steps,
+                               overwrite=True)
+    gen = volume25d.generate(config, workdir, spec,
+                             os.path.join(root, f"gen_{scenario}_{args.steps}_{args.order}"),
+                             compare=True, order=args.order, progress=False)
     print(volume25d.format_summary(gen), flush=True)
     with open(gen["metrics_json"], encoding="utf-8") as f:
       out[scenario] = {"split": split, "hosts": hosts, "metrics": json.load(f),
                        "previews": gen["previews"]}
   print(json.dumps(out, indent=1))
-  with open(os.path.join(root, "volume25d_real_ct.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(root, f"volume25d_{args.steps}_{args.order}.json"), "w",
+            encoding="utf-8") as f:
     json.dump(out, f, indent=1)
 
 
