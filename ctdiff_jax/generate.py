@@ -71,9 +71,10 @@ def _define_flags():
   flags.DEFINE_enum("volume_mode", "", ("",) + volume25d.VOLUME_MODES, "2.5d: whole source "
                     "volumes, slice by slice conditioned on the generated neighbours "
                     "(generation/volume25d.py); --num_samples counts volumes.")
-  flags.DEFINE_enum("volume_order", "outward", volume25d.ORDERS, "Volume mode: the order of "
-                    "the slices: outward from the largest mask slice, inward from both ends "
-                    "of the mask in z, or interleaved (every other slice, then the rest).")
+  flags.DEFINE_enum("volume_order", volume25d.DEFAULT_ORDER, volume25d.ORDERS, "Volume mode: "
+                    "the order of the slices: inward from both ends of the mask in z, outward "
+                    "from the largest mask slice, or interleaved (every other slice, then the "
+                    "rest).")
   flags.DEFINE_string("manual_dir", None, "Volume mode: the raw cases (default: "
                       "config.manual_dir, else the dataset build's).")
   flags.DEFINE_bool("volume_metrics", False, "Volume mode: also generate the volumes slice by "

@@ -40,7 +40,7 @@ def _args():
   p.add_argument("--rounds", type=int, default=0, help="Volumes per host (0: 4 for the "
                  "tumour, whose placements differ, 2 for the context box, whose mask does not).")
   p.add_argument("--scenarios", default="context,tumor", help="Comma-separated scenarios.")
-  p.add_argument("--order", default="outward", help="The 2.5D slice order (--volume_order).")
+  p.add_argument("--order", default="inward", help="The 2.5D slice order (--volume_order).")
   p.add_argument("--sampling_steps", type=int, default=10, help="DDIM steps per slice.")
   p.add_argument("--seed", type=int, default=0, help="Seed.")
   return p.parse_args()
