@@ -3,7 +3,7 @@
 `--cohort=s01`: the dataset is scripts/check_tumor_real_ct.py's (s01, s02 and two phantom
 cases with lesions), and the hosts are the split holding s01. `--cohort=phantom`: the
 quickstart's phantom cohort (16 cases with lesions, seed 0), hosts = its test split. Each is
-built twice: `kidneys` for the context model (configs/context.py) and `kidney_tumor` for the
+built twice: `kidneys` for the context model (configs/context_volume.py) and `kidney_tumor` for the
 neighbour-conditioned tumour model (configs/kidney_tumor_volume.py). Both are trained at
 quickstart size (64 px at 6 mm) for --steps (a workdir already trained is reused); then every
 host volume is generated --rounds times (new noise; new tumour placements) and twice: slice
@@ -50,7 +50,7 @@ def main():
   args = _args()
   # pylint: disable=g-import-not-at-top
   import check_tumor_real_ct
-  from configs import context, kidney_tumor_volume
+  from configs import context_volume, kidney_tumor_volume
   from ctdiff_jax import quickstart, xla_options
   xla_options.apply()
   from ctdiff_jax.generation import runner, volume25d
@@ -67,7 +67,7 @@ def main():
     if not os.path.exists(os.path.join(raw, "labels.json")):
       phantom.write_cohort(raw, 16, seed=0, lesions=True, progress=False)
   out = {}
-  for scenario, dataset, module in (("context", "kidneys", context),
+  for scenario, dataset, module in (("context", "kidneys", context_volume),
                                     ("tumor", "kidney_tumor", kidney_tumor_volume)):
     if scenario not in args.scenarios.split(","):
       continue

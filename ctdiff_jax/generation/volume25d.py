@@ -502,8 +502,14 @@ def check_request(config, spec) -> None:
     raise VolumeModeError(
         f"--volume_mode=2.5d conditions every slice on its (generated) neighbours, but this "
         f"model ({config.dataset}, mask_mode {config.data.mask_mode}) was trained without them "
-        f"(data.neighbours=False): use a neighbour-conditioned model (configs/context.py, "
+        f"(data.neighbours=False): use a neighbour-conditioned model (configs/context_volume.py, "
         f"configs/kidney_tumor_volume.py, or train with --config.data.neighbours=True)")
+  if not float(config.data.get("neighbour_hide_prob", 0.0)) > 0:
+    raise VolumeModeError(
+        f"--volume_mode=2.5d hides a neighbour not generated yet inside its mask, but this "
+        f"model ({config.dataset}) was trained without hidden neighbours "
+        f"(data.neighbour_hide_prob=0) and never saw one: use configs/context_volume.py or "
+        f"configs/kidney_tumor_volume.py, or train with --config.data.neighbour_hide_prob=0.5")
   for name, why in (("mask_file", "a 2D mask"), ("offset", "a 2D offset")):
     if getattr(spec, name) is not None:
       raise VolumeModeError(f"--{name} is {why}: not used with --volume_mode=2.5d (the "

@@ -40,6 +40,7 @@ def make_config(data_dir):
   config.spacing_mm = SPACING
   config.sampling.num_steps = 2
   config.data.neighbours = True
+  config.data.neighbour_hide_prob = 0.5
   return config
 
 
@@ -246,6 +247,11 @@ def test_volume_mode_refuses_models_without_neighbours_and_2d_options(data, tmp_
   spec = runner.GenerateSpec("tumor", num_samples=1)
   with pytest.raises(volume25d.VolumeModeError, match="neighbours"):
     volume25d.generate(config, data["inpainter"], spec, str(tmp_path / "x"))
+  config = make_config(data["config"].data_dir)
+  config.data.neighbour_hide_prob = 0.0  # neighbours, but never hidden in training
+  with pytest.raises(volume25d.VolumeModeError, match="neighbour_hide_prob=0"):
+    volume25d.generate(config, data["inpainter"], spec, str(tmp_path / "h"))
+  assert not (tmp_path / "h").exists()
   spec = dataclasses.replace(spec, offset="1,2")
   with pytest.raises(volume25d.VolumeModeError, match="offset"):
     volume25d.generate(data["config"], data["inpainter"], spec, str(tmp_path / "y"))
