@@ -62,7 +62,7 @@ from ctdiff_jax.ingest import volumes
 # --volume_mode values ("" = the per-slice export).
 VOLUME_MODES = ("2.5d",)
 # VolumePlan.order kinds; inward by default: its first slices read the real slices beyond the
-# mask, and it measured at least as close to real as outward (README, 2.5D).
+# mask, and it measured like outward or better (README, 2.5D).
 ORDERS = ("outward", "inward", "interleaved")
 DEFAULT_ORDER = "inward"
 # Noise index of slice z of volume i in pass p: (i * MAX_PASSES + p) * Z_STRIDE + z (volumes
