@@ -3,8 +3,8 @@
 `--cohort=s01`: the dataset is scripts/check_tumor_real_ct.py's (s01, s02 and two phantom
 cases with lesions), and the hosts are the split holding s01. `--cohort=phantom`: the
 quickstart's phantom cohort (16 cases with lesions, seed 0), hosts = its test split. Each is
-built twice: `kidneys` for the context model (configs/context_volume.py) and `kidney_tumor` for the
-neighbour-conditioned tumour model (configs/kidney_tumor_volume.py). Both are trained at
+built twice: `kidneys` for the context model (configs/context_volume.py) and `kidney_tumor`
+for the neighbour-conditioned tumour model (configs/kidney_tumor_volume.py). Both are trained at
 quickstart size (64 px at 6 mm) for --steps (a workdir already trained is reused); then every
 host volume is generated --rounds times (new noise; new tumour placements) and twice: slice
 by slice with both neighbours hidden inside the mask (independent), and in --order with
@@ -57,6 +57,8 @@ def main():
   from ctdiff_jax.ingest import build as ingest_build
   from ctdiff_jax.training import trainer
   # pylint: enable=g-import-not-at-top
+  if args.order not in volume25d.ORDERS:  # before hours of training
+    sys.exit(f"--order={args.order}: expected one of {volume25d.ORDERS}")
   root = os.path.abspath(args.output_dir)
   if args.cohort == "s01":
     raw = check_tumor_real_ct.raw_cases(

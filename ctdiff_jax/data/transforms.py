@@ -36,7 +36,7 @@ pixel of a neighbour is 0 in its channel:
   content there is what the volume regenerates, so it must not be copied. Training hides each
   neighbour inside the slice's mask with probability data.neighbour_hide_prob, so one model
   serves every case: both neighbours hidden (independent slices, the seed slice), one
-  generated and one hidden (the outward chain), both generated (a second pass).
+  generated and one hidden (the chain), both generated (a second pass).
 """
 
 from __future__ import annotations

@@ -70,26 +70,28 @@ def interslice_difference(volume: np.ndarray, mask: np.ndarray) -> tuple[float, 
 
 def _summary(delta: float, values: np.ndarray, n: int) -> dict[str, Any]:
   lo, hi = np.percentile(values, [2.5, 97.5])
-  return {"delta": float(delta), "std": float(np.std(values, ddof=1)), "ci95": [float(lo), float(hi)],
-          "closer_fraction": float(np.mean(values > 0)), "n": int(n), "resamples": len(values)}
+  return {"delta": float(delta), "std": float(np.std(values, ddof=1)),
+          "ci95": [float(lo), float(hi)], "closer_fraction": float(np.mean(values > 0)),
+          "n": int(n), "resamples": len(values)}
 
 
-def paired_comparison(real: Sequence[np.ndarray], base: Sequence[np.ndarray],
-                      arm: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                      feats: Mapping[str, Mapping[str, np.ndarray]] | None, names: tuple[str, str],
-                      resamples: int = DELTA_BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
-  """How much closer to real `arm` is than `base`, with a paired bootstrap spread.
+def paired_comparison(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                      feats: Mapping[str, Mapping[str, np.ndarray]] | None,
+                      names: tuple[str, str], resamples: int = DELTA_BOOTSTRAP,
+                      seed: int = 0) -> dict[str, Any]:
+  """How much closer to real arm names[1] is than arm names[0], with a paired bootstrap spread.
 
-  delta > 0: `arm` is closer. inter-slice: |base - real| - |arm - real| of the pooled mean
+  pairs[name]: (sums, counts) of interslice_pairs pooled over the volumes of "real" and the
+  arms (the same masks: equal counts); feats[name][plane]: their plane features, or None.
+  delta > 0: names[1] is closer. inter-slice: |base - real| - |arm - real| of the pooled mean
   |dHU|, resampling slice pairs (one index for real, base and arm: the same pairs). FID per
   plane: FID(real, base) - FID(real, arm), resampling plane images with one index for the
   three sets (the same planes of the same volumes). Returns per measure the point delta, the
   bootstrap std, 95% percentile interval and the fraction of resamples with delta > 0.
   """
   rng = np.random.default_rng(seed)
-  parts = [[interslice_pairs(v, m) for v, m in zip(vols, masks)] for vols in (real, base, arm)]
-  sums = [np.concatenate([s for s, _ in p]) for p in parts]
-  counts = np.concatenate([c for _, c in parts[0]])
+  sums = [pairs[k][0] for k in ("real", *names)]
+  counts = pairs["real"][1]
 
   def gap(idx):
     r, b, a = (float(s[idx].sum()) / float(counts[idx].sum()) for s in sums)
@@ -135,12 +137,14 @@ def compare(real: Sequence[np.ndarray], arms: Mapping[str, Sequence[np.ndarray]]
       raise ValueError(f"arm {name!r} has {len(vols)} volumes for {len(masks)} masks")
   boxes = [bounding_box(m) for m in masks]
   result: dict[str, Any] = {"volumes": len(masks), "window": window, "arms": {}}
+  pairs = {}
   for name, vols in groups.items():
-    sums = [interslice_difference(v, m) for v, m in zip(vols, masks)]
-    result["arms"][name] = {"interslice_hu": sum(s for s, _ in sums) / max(
-        sum(n for _, n in sums), 1)}
+    per_volume = [interslice_pairs(v, m) for v, m in zip(vols, masks)]
+    pairs[name] = tuple(np.concatenate([x[i] for x in per_volume]) for i in (0, 1))
+    result["arms"][name] = {"interslice_hu": float(pairs[name][0].sum()) / max(
+        int(pairs[name][1].sum()), 1)}
   if not fid:
-    _compare_arms(result, groups, masks, None)
+    _compare_arms(result, pairs, None)
     return result
   if features is None:
     from ctdiff_jax.evaluation import fid as fid_lib  # pylint: disable=g-import-not-at-top
@@ -157,17 +161,16 @@ def compare(real: Sequence[np.ndarray], arms: Mapping[str, Sequence[np.ndarray]]
     for p in PLANES:
       r = stats.fid_from_features(feats["real"][p], feats[name][p], bootstrap=bootstrap)
       result["arms"][name][f"fid_{p}"] = {"fid": r.fid, "std": r.std, "n": r.n1}
-  _compare_arms(result, groups, masks, feats)
+  _compare_arms(result, pairs, feats)
   return result
 
 
-def _compare_arms(result, groups, masks, feats) -> None:
+def _compare_arms(result, pairs, feats) -> None:
   """result["comparisons"]["<arm> vs <first arm>"]: paired_comparison of every later arm."""
-  names = [n for n in groups if n != "real"]
-  result["comparisons"] = {
-      f"{arm} vs {names[0]}": paired_comparison(groups["real"], groups[names[0]], groups[arm],
-                                                masks, feats, (names[0], arm))
-      for arm in names[1:]}
+  names = [n for n in pairs if n != "real"]
+  result["comparisons"] = {f"{arm} vs {names[0]}": paired_comparison(pairs, feats,
+                                                                      (names[0], arm))
+                           for arm in names[1:]}
 
 
 def markdown(result: Mapping[str, Any]) -> str:

@@ -18,13 +18,12 @@ was built from: `--manual_dir`, else config.manual_dir, else the build's own man
 3. Slices holding mask voxels are generated one step at a time (VolumePlan.order: inward
    from both ends of the mask in z, the default; outward from the slice with the largest mask
    area, both directions at once; interleaved): each slice is conditioned on its neighbours
-   as they are at that moment. A generated neighbour is known everywhere; a
-   neighbour not generated yet is hidden inside its own slice of the 3D mask (its real
-   content there is what the volume replaces: copying it would leak the source) and known
-   outside it. The first slices see no generated neighbour. `independent=True` instead
-   generates every slice at once, each with both neighbours hidden: stacking independently
-   generated slices (the comparison arm). The model is trained with hidden neighbours
-   (data.neighbour_hide_prob).
+   as they are at that moment. A generated neighbour is known everywhere; a neighbour not
+   generated yet is hidden inside its own slice of the 3D mask (its real content there is
+   what the volume replaces: copying it would leak the source) and known outside it. The
+   first slices see no generated neighbour. `independent=True` instead generates every slice
+   at once, each with both neighbours hidden: stacking independently generated slices (the
+   comparison arm). The model is trained with hidden neighbours (data.neighbour_hide_prob).
 4. The generated region is resampled back to the SOURCE grid (linear HU, nearest mask) and
    pasted into the source array in its stored orientation: outside the exported mask every
    voxel equals the source, bit for bit; shape, affine and header are the source's.
@@ -74,8 +73,8 @@ MAX_TUMOR_TRIES = 20
 MANIFEST_COLUMNS = (
     "index", "scenario", "source_case", "source_split", "round", "seed", "checkpoint_step",
     "mode", "order", "source_image", "mask_voxels", "slices_generated", "z_first", "z_last",
-    "seed_slice", "donor_case", "donor_slices", "tumour_slices", "offset", "ct_file", "seg_file", "mask_file",
-    "preview")
+    "seed_slice", "donor_case", "donor_slices", "tumour_slices", "offset", "ct_file",
+    "seg_file", "mask_file", "preview")
 
 
 class VolumeModeError(ValueError):

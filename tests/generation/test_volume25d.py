@@ -68,6 +68,17 @@ def case_of(raw, case_id):
   return {c.case_id: c for c in layouts.read_layout(raw).cases}[case_id]
 
 
+def first_plan(data, scenario):
+  """(VolumePlan 0 of `scenario` on the train split, the model's ExampleConfig)."""
+  config = data["config"]
+  meta = sources.metadata(config)
+  cases, hosts, donors = volume25d.open_cases(meta, "train", None, None)
+  spec = runner.GenerateSpec(scenario, seed=0)
+  planner = volume25d.VolumePlanner(meta, config.data, spec, cases, hosts, donors, SIZE,
+                                    SPACING)
+  return next(planner.plans(1, 0)), transforms.ExampleConfig.from_data_config(config.data)
+
+
 def test_tumour_spans_the_donor_slices_inside_the_host_organ(data, tmp_path):
   summary, rows = run(data, tmp_path / "tumor", num=3)
   assert len(rows) == 3 and len(summary["previews"]) == 3
@@ -145,14 +156,7 @@ def test_same_seed_same_volume_other_seed_differs(data, tmp_path):
 def test_2p5d_conditions_on_generated_neighbours(data):
   """First step (no generated neighbour): same inputs and noise in both arms; every later
   slice differs in 2.5D. Checked for the default order (inward) and outward."""
-  config = data["config"]
-  meta = sources.metadata(config)
-  cases, hosts, donors = volume25d.open_cases(meta, "train", None, None)
-  spec = runner.GenerateSpec("organ", seed=0)
-  planner = volume25d.VolumePlanner(meta, config.data, spec, cases, hosts, donors, SIZE,
-                                    SPACING)
-  plan = next(planner.plans(1, 0))
-  ecfg = transforms.ExampleConfig.from_data_config(config.data)
+  plan, ecfg = first_plan(data, "organ")
   both = [volume25d.generate_grids(data["inpainter"], ecfg, [plan], 0, independent=i,
                                    progress=False)[0] for i in (True, False)]
   outward = volume25d.generate_grids(data["inpainter"], ecfg, [plan], 0, order="outward",
@@ -195,14 +199,7 @@ class Recording:
 def test_no_real_content_inside_the_3d_mask_reaches_the_model(data, independent):
   """A neighbour not generated yet is hidden inside its own slice of the 3D mask (its real
   content there is what the volume replaces); a generated one is known everywhere."""
-  config = data["config"]
-  meta = sources.metadata(config)
-  cases, hosts, donors = volume25d.open_cases(meta, "train", None, None)
-  spec = runner.GenerateSpec("context", seed=0)
-  planner = volume25d.VolumePlanner(meta, config.data, spec, cases, hosts, donors, SIZE,
-                                    SPACING)
-  plan = next(planner.plans(1, 0))
-  ecfg = transforms.ExampleConfig.from_data_config(config.data)
+  plan, ecfg = first_plan(data, "context")
   rec = Recording(data["inpainter"])
   out = volume25d.generate_grids(rec, ecfg, [plan], 0, independent=independent,
                                  progress=False)[0]
