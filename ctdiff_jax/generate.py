@@ -75,6 +75,10 @@ def _define_flags():
                     "the order of the slices: inward from both ends of the mask in z, outward "
                     "from the largest mask slice, or interleaved (every other slice, then the "
                     "rest).")
+  flags.DEFINE_enum("volume_lesions", "donor", volume25d.LESION_SOURCES, "Volume mode, "
+                    "--scenario=tumor: donor places a 3D tumour of another case in the host "
+                    "organ; own regenerates one of the host's own lesions in place (a real-lesion "
+                    "reference for --volume_metrics).")
   flags.DEFINE_string("manual_dir", None, "Volume mode: the raw cases (default: "
                       "config.manual_dir, else the dataset build's).")
   flags.DEFINE_bool("volume_metrics", False, "Volume mode: also generate the volumes slice by "
@@ -108,13 +112,16 @@ def main(argv: Sequence[str]) -> None:
       margin_mm=fl.margin_mm, mask_file=fl.mask_file, offset=fl.offset,
       blend_px=fl.blend_px, donor_split=fl.donor_split, formats=fl.formats, tfds=fl.tfds,
       volumes=fl.volumes, overwrite=fl.overwrite)
+  if fl.volume_lesions != "donor" and not (fl.volume_mode and fl.scenario == "tumor"):
+    raise app.UsageError("--volume_lesions is a volume-mode option of the tumor scenario: add "
+                         "--volume_mode=2.5d --scenario=tumor, or drop it")
   if fl.volume_mode:  # whole volumes (generation/volume25d.py)
     if fl.distributed or fl.num_processes is not None or fl.tfds or fl.volumes:
       raise app.UsageError("--volume_mode=2.5d runs in one process and writes NIfTI volumes: "
                            "drop --distributed/--num_processes/--tfds/--volumes")
     summary = volume25d.generate(fl.config, checkpoint, spec, fl.output_dir,
                                  manual_dir=fl.manual_dir, compare=fl.volume_metrics,
-                                 order=fl.volume_order)
+                                 order=fl.volume_order, lesions=fl.volume_lesions)
     print(volume25d.format_summary(summary))
     return
   summary = runner.generate(fl.config, checkpoint, spec, fl.output_dir, shard=_shard(fl))

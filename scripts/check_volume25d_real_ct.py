@@ -12,9 +12,15 @@ generated neighbours (2.5D), for the `context` and the `tumor` scenario, and
 volume_metrics.{md,json} (2.5D FID per plane, the inter-slice |dHU| inside the mask: real,
 independent, 2.5D, and the paired comparison) are written per scenario.
 
+`tumor` places another case's tumour, so its "real" volume is the tumour-free host: a
+reference without a lesion. `tumor_own` (same model) regenerates one of each held-out
+host's own lesions in place (--volume_lesions=own): its real volume holds the real lesion.
+s01 has no lesion (the shared cases have no tumour label), so on that cohort tumor_own's
+hosts are the held-out phantom cases with lesions and s01 is a counted skip.
+
   python scripts/check_volume25d_real_ct.py --output_dir=/tmp/volume25d_real_ct \
       [--cohort=s01|phantom] [--steps=3600] [--order=outward|inward] \
-      [--scenarios=context,tumor] [--rounds=N]
+      [--scenarios=context,tumor,tumor_own] [--rounds=N]
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ def _args():
   p.add_argument("--steps", type=int, default=3600, help="Training steps of each model.")
   p.add_argument("--rounds", type=int, default=0, help="Volumes per host (0: 4 for the "
                  "tumour, whose placements differ, 2 for the context box, whose mask does not).")
-  p.add_argument("--scenarios", default="context,tumor", help="Comma-separated scenarios.")
+  p.add_argument("--scenarios", default="context,tumor,tumor_own",
+                 help="Comma-separated: context, tumor, tumor_own (module docstring).")
   p.add_argument("--order", default="inward", help="The 2.5D slice order (--volume_order).")
   p.add_argument("--sampling_steps", type=int, default=10, help="DDIM steps per slice.")
   p.add_argument("--seed", type=int, default=0, help="Seed.")
@@ -59,6 +66,9 @@ def main():
   # pylint: enable=g-import-not-at-top
   if args.order not in volume25d.ORDERS:  # before hours of training
     sys.exit(f"--order={args.order}: expected one of {volume25d.ORDERS}")
+  unknown = set(args.scenarios.split(",")) - {"context", "tumor", "tumor_own"}
+  if unknown:
+    sys.exit(f"--scenarios: unknown {sorted(unknown)}; expected context, tumor, tumor_own")
   root = os.path.abspath(args.output_dir)
   if args.cohort == "s01":
     raw = check_tumor_real_ct.raw_cases(
@@ -69,15 +79,20 @@ def main():
     if not os.path.exists(os.path.join(raw, "labels.json")):
       phantom.write_cohort(raw, 16, seed=0, lesions=True, progress=False)
   out = {}
-  for scenario, dataset, module in (("context", "kidneys", context_volume),
-                                    ("tumor", "kidney_tumor", kidney_tumor_volume)):
-    if scenario not in args.scenarios.split(","):
+  for name, scenario, dataset, module in (
+      ("context", "context", "kidneys", context_volume),
+      ("tumor", "tumor", "kidney_tumor", kidney_tumor_volume),
+      ("tumor_own", "tumor", "kidney_tumor", kidney_tumor_volume)):
+    if name not in args.scenarios.split(","):
       continue
     data_dir = os.path.join(root, f"tfds_{dataset}")
     summary = ingest_build.build(dataset, raw, data_dir, image_size=64, spacing_mm=6.0)
     split = ("test" if args.cohort == "phantom" else
              next(s for s, ids in summary["cases"].items() if "s01" in ids))
-    hosts = summary["cases"][split]
+    lesions = "own" if name == "tumor_own" else "donor"
+    if lesions == "own":  # every held-out case with a lesion of its own is a host
+      split = "+".join(s for s in sorted(summary["cases"]) if s != "train")
+    hosts = [c for s in split.split("+") for c in summary["cases"][s]]
     config = quickstart.smoke_config(module, data_dir=data_dir, image_size=64, spacing_mm=6.0,
                                      steps=args.steps, seed=args.seed,
                                      sampling_steps=args.sampling_steps)
@@ -88,12 +103,12 @@ def main():
                                seed=args.seed, split=split, steps=args.sampling_steps,
                                overwrite=True)
     gen = volume25d.generate(config, workdir, spec,
-                             os.path.join(root, f"gen_{scenario}_{args.steps}_{args.order}"),
-                             compare=True, order=args.order, progress=False)
+                             os.path.join(root, f"gen_{name}_{args.steps}_{args.order}"),
+                             compare=True, order=args.order, lesions=lesions, progress=False)
     print(volume25d.format_summary(gen), flush=True)
     with open(gen["metrics_json"], encoding="utf-8") as f:
-      out[scenario] = {"split": split, "hosts": hosts, "metrics": json.load(f),
-                       "previews": gen["previews"]}
+      out[name] = {"split": split, "hosts": hosts, "metrics": json.load(f),
+                   "previews": gen["previews"], "skipped": gen["skipped"]}
   print(json.dumps(out, indent=1))
   with open(os.path.join(root, f"volume25d_{args.steps}_{args.order}.json"), "w",
             encoding="utf-8") as f:

@@ -70,9 +70,13 @@ Z_STRIDE = 4096
 MAX_PASSES = 2  # generate_grids: the ordered pass, then optionally one more over every slice
 # Donor tumours tried per host volume before it counts as "nothing fits".
 MAX_TUMOR_TRIES = 20
+# Where the tumour scenario's 3D tumours come from: `donor` one of another case, placed in
+# the host organ (new data); `own` one of the host's own lesions, regenerated where it is
+# (labels unchanged: the real volume is a reference with a real lesion, for volume metrics).
+LESION_SOURCES = ("donor", "own")
 MANIFEST_COLUMNS = (
     "index", "scenario", "source_case", "source_split", "round", "seed", "checkpoint_step",
-    "mode", "order", "source_image", "mask_voxels", "slices_generated", "z_first", "z_last",
+    "mode", "order", "lesions", "source_image", "mask_voxels", "slices_generated", "z_first", "z_last",
     "seed_slice", "donor_case", "donor_slices", "tumour_slices", "offset", "ct_file",
     "seg_file", "mask_file", "preview")
 
@@ -257,7 +261,14 @@ class VolumePlanner:
 
   def __init__(self, meta, data_config, spec, cases: dict[str, volumes.Case],
                hosts: Sequence[str], donors: Sequence[str], image_size: int,
-               spacing_mm: float, where: str = ""):
+               spacing_mm: float, where: str = "", lesions: str = "donor"):
+    if lesions not in LESION_SOURCES:
+      raise VolumeModeError(f"unknown lesion source {lesions!r}; expected one of "
+                            f"{LESION_SOURCES}")
+    if lesions != "donor" and spec.scenario != "tumor":
+      raise VolumeModeError(f"lesions={lesions!r} is a tumor-scenario option, not "
+                            f"{spec.scenario!r}'s")
+    self.lesions = lesions
     self.scenario = scenarios.SCENARIOS[spec.scenario](meta, data_config, spec, where)
     self.spec, self.meta, self.cases = spec, meta, cases
     self.hosts, self.donors = list(hosts), list(donors)
@@ -279,6 +290,8 @@ class VolumePlanner:
     if sc.name == "context":
       return (bbox_mask_3d(labels, sc.label_ids, sc.margin_mm, vol.grid_mm, vol.spacing[2]),
               labels.copy(), {})
+    if self.lesions == "own":
+      return self._own_tumour(vol, rng)
     return self._tumour(vol, rng)
 
   def _stamps(self, case_id: str, host_mm: float) -> list[np.ndarray]:
@@ -288,6 +301,30 @@ class VolumePlanner:
       self._donor_stamps[key] = tumour_stamps(donor.grid_labels, self.scenario.lesion_id,
                                               donor.spacing[2], host_mm)
     return self._donor_stamps[key]
+
+  def _rim(self, lesion: np.ndarray, host: np.ndarray) -> np.ndarray:
+    """The regenerated region of a 3D lesion: grown in-plane by blend_px, within host."""
+    grown = np.stack([masks.dilate_mm(p, float(self.scenario.blend_px), (1.0, 1.0))
+                      for p in lesion])
+    return grown & host
+
+  def _own_tumour(self, vol: SourceVolume, rng: np.random.Generator):
+    """One of the host's own 3D lesions (26-connected, touching the host organ), in place."""
+    sc = self.scenario
+    organ = np.isin(vol.grid_labels, sc.label_ids)
+    lesion = vol.grid_labels == sc.lesion_id
+    comps, n = ndimage.label(lesion, structure=np.ones((3, 3, 3), bool))
+    near = ndimage.binary_dilation(organ, np.ones((3, 3, 3), bool))
+    ids = [c for c in range(1, n + 1) if (near & (comps == c)).any()]
+    if not ids:
+      raise scenarios.NothingFits(f"no lesion (label {sc.lesion_id}) of its own in the host "
+                                  f"organ {list(sc.label_ids)}")
+    placed = comps == ids[int(rng.integers(len(ids)))]
+    zs, rows, cols = (np.flatnonzero(placed.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    return self._rim(placed, organ | lesion), vol.grid_labels.copy(), {
+        "donor_case": vol.case_id, "donor_slices": int(len(zs)),
+        "tumour_slices": int(len(zs)), "offset": (int(zs[0]), int(rows[0]), int(cols[0])),
+        "lesion_voxels": int(placed.sum())}
 
   def _tumour(self, vol: SourceVolume, rng: np.random.Generator):
     sc = self.scenario
@@ -301,10 +338,9 @@ class VolumePlanner:
         got = place_3d(stamps[j], host, rng)
         if got is not None:
           placed, off = got
-          mask = np.stack([masks.dilate_mm(p, float(sc.blend_px), (1.0, 1.0)) for p in placed])
           labels = vol.grid_labels.copy()
           labels[placed] = sc.lesion_id
-          return mask & host, labels, {
+          return self._rim(placed, host), labels, {
               "donor_case": case_id, "donor_slices": int(stamps[j].shape[0]),
               "tumour_slices": int(placed.any(axis=(1, 2)).sum()), "offset": off,
               "lesion_voxels": int(placed.sum())}
@@ -523,18 +559,21 @@ def open_cases(meta, split: str, manual_dir: str | None, donor_split: str | None
   if not root:
     raise VolumeModeError(f"{meta.get('dataset')}: the raw volumes are unknown; pass "
                           f"--manual_dir=<the raw cases the dataset was built from>")
-  if split not in by_split or not by_split[split]:
-    raise VolumeModeError(f"split {split!r} of {meta.get('dataset')} has no case (cases per "
-                          f"split: { {k: len(v) for k, v in by_split.items()} })")
+  hosts = []
+  for part in split.split("+"):  # "validation+test": the union, as TFDS writes it
+    if part not in by_split or not by_split[part]:
+      raise VolumeModeError(f"split {part!r} of {meta.get('dataset')} has no case (cases per "
+                            f"split: { {k: len(v) for k, v in by_split.items()} })")
+    hosts.extend(by_split[part])
   raw = layouts.read_layout(root, build.get("layout", "auto"))
   cases = {c.case_id: c for c in raw.cases}
-  missing = sorted(set(by_split[split]) - set(cases))
+  missing = sorted(set(hosts) - set(cases))
   if missing:
     raise VolumeModeError(f"{root}: cases {missing[:5]} of split {split!r} are not among the "
                           f"raw cases there (is it the manual_dir the dataset was built from?)")
   donor_splits = [donor_split] if donor_split else sorted(by_split)
   donors = sorted(c for s in donor_splits for c in by_split.get(s, []) if c in cases)
-  return cases, sorted(by_split[split]), donors
+  return cases, sorted(set(hosts)), donors
 
 
 def _check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -584,14 +623,16 @@ def _inpainter(config, checkpoint, spec):
 
 
 def generate(config, checkpoint, spec, output_dir: str, *, manual_dir: str | None = None,
-             compare: bool = False, order: str = DEFAULT_ORDER,
+             compare: bool = False, order: str = DEFAULT_ORDER, lesions: str = "donor",
              progress: bool = True) -> dict[str, Any]:
   """`spec.num_samples` 2.5D volumes of `spec`'s scenario into `output_dir` (module docstring).
 
   `checkpoint`: a workdir / checkpoints dir or an inference.Inpainter. With `compare`, the
   same volumes are also generated slice by slice (independent arm) and volume_metrics.{md,json}
   (2.5D FID per plane, inter-slice difference: real, independent, 2.5D) are written.
-  `order`: the slice order of the 2.5D arm (VolumePlan.order).
+  `order`: the slice order of the 2.5D arm (VolumePlan.order). `lesions` (tumor scenario):
+  `donor` places another case's tumour; `own` regenerates one of the host's own lesions in
+  place, so the real volume is a reference that holds a real lesion (LESION_SOURCES).
   """
   from ctdiff_jax.data import sources  # pylint: disable=g-import-not-at-top
   from ctdiff_jax.generation import runner  # pylint: disable=g-import-not-at-top
@@ -605,7 +646,8 @@ def generate(config, checkpoint, spec, output_dir: str, *, manual_dir: str | Non
   cases, hosts, donors = open_cases(meta, split, manual_dir or config.get("manual_dir"),
                                     spec.donor_split)
   planner = VolumePlanner(meta, config.data, spec, cases, hosts, donors, config.image_size,
-                          config.spacing_mm, where=f"split {split!r} of {meta.get('dataset')}")
+                          config.spacing_mm, where=f"split {split!r} of {meta.get('dataset')}",
+                          lesions=lesions)
   plans = list(planner.plans(spec.num_samples, spec.seed))
   inpainter = _inpainter(config, checkpoint, spec)
   ecfg = transforms.ExampleConfig.from_data_config(config.data)
@@ -615,9 +657,13 @@ def generate(config, checkpoint, spec, output_dir: str, *, manual_dir: str | Non
                                          progress=progress)
   arms["2.5D"] = generate_grids(inpainter, ecfg, plans, spec.seed, order=order,
                                 progress=progress)
-  host_ids = planner.scenario.label_ids if spec.scenario == "tumor" else None
+  host_ids = None
+  if spec.scenario == "tumor":  # the paste stays inside the host organ (and its own lesion)
+    host_ids = tuple(planner.scenario.label_ids) + (
+        (planner.scenario.lesion_id,) if lesions == "own" else ())
   run = {"scenario": spec.scenario, "source_split": split, "seed": spec.seed, "mode": "2.5d",
-         "order": order, "checkpoint_step": int(inpainter.step)}
+         "order": order, "lesions": lesions if spec.scenario == "tumor" else "",
+         "checkpoint_step": int(inpainter.step)}
   window = runner.display_window(config)
   rows = [write_volume(output_dir, p, {k: v[j] for k, v in arms.items()}, host_ids, window,
                        run) for j, p in enumerate(plans)]

@@ -56,10 +56,11 @@ def data(tmp_path_factory):
           "inpainter": runner.load_inpainter(config, str(workdir))}
 
 
-def run(data, out, scenario="tumor", seed=0, split="train", num=1, manual_dir=None, **kw):
+def run(data, out, scenario="tumor", seed=0, split="train", num=1, manual_dir=None,
+        lesions="donor", **kw):
   spec = runner.GenerateSpec(scenario, num_samples=num, seed=seed, split=split, **kw)
   summary = volume25d.generate(data["config"], data["inpainter"], spec, str(out),
-                               manual_dir=manual_dir, progress=False)
+                               manual_dir=manual_dir, lesions=lesions, progress=False)
   with open(pathlib.Path(out) / "manifest.csv", newline="") as f:
     return summary, list(csv.DictReader(f))
 
@@ -337,3 +338,61 @@ def test_volume_order_is_recorded_and_checked(data, tmp_path):
   with pytest.raises(volume25d.VolumeModeError, match="unknown volume order 'sideways'"):
     volume25d.generate(data["config"], data["inpainter"], spec, str(tmp_path / "x"),
                        order="sideways", progress=False)
+
+
+def test_own_lesion_is_regenerated_in_place_with_its_labels(data, tmp_path):
+  """lesions=own: the mask covers one whole lesion of the host's own, within the host organ
+  and that lesion; no label changes, so the real volume is a reference with a real lesion."""
+  _, rows = run(data, tmp_path / "own", num=3, lesions="own")
+  assert {r["lesions"] for r in rows} == {"own"}
+  for row in rows:
+    assert row["donor_case"] == row["source_case"]
+    source = volumes.load_case(case_of(data["raw"], row["source_case"]), ORGANS)
+    out = {k: np.asanyarray(nib.load(tmp_path / "own" / row[f"{k}_file"]).dataobj)
+           for k in ("ct", "seg", "mask")}
+    mask = out["mask"] > 0
+    src_ct = np.asanyarray(nib.load(row["source_image"]).dataobj)
+    assert mask.sum() == int(row["mask_voxels"]) > 0
+    assert np.array_equal(out["ct"][~mask], src_ct[~mask])  # bit for bit outside
+    assert np.array_equal(out["seg"], source.organ_map)  # not one label changed
+    assert set(np.unique(source.organ_map[mask])) <= {1, 2}  # kidney and lesion only
+    # One lesion, on every slice it spans (the z grid is the source's).
+    comps, _ = ndimage.label(source.organ_map == 2, np.ones((3, 3, 3), bool))
+    hit = set(np.unique(comps[mask])) - {0}
+    assert len(hit) == 1
+    lesion_zs = np.flatnonzero((comps == hit.pop()).any(axis=(0, 1)))
+    assert np.array_equal(np.flatnonzero((mask & (source.organ_map == 2)).any(axis=(0, 1))),
+                          lesion_zs) and int(row["tumour_slices"]) == len(lesion_zs)
+  # On the model grid the regenerated lesion is whole (the source's edge voxels that fall
+  # on grid pixels outside the organ keep their HU when pasted back).
+  meta = sources.metadata(data["config"])
+  cases, hosts, donors = volume25d.open_cases(meta, "train", None, None)
+  planner = volume25d.VolumePlanner(meta, data["config"].data, runner.GenerateSpec("tumor"),
+                                    cases, hosts, donors, SIZE, SPACING, lesions="own")
+  for plan in planner.plans(3, 0):
+    comps, _ = ndimage.label(plan.labels == 2, np.ones((3, 3, 3), bool))
+    hit = set(np.unique(comps[plan.mask])) - {0}
+    assert len(hit) == 1 and np.all(plan.mask[comps == hit.pop()])
+    assert np.array_equal(plan.labels, plan.host.grid_labels)
+
+
+def test_own_lesions_skip_hosts_without_one_and_other_scenarios_refuse(data, tmp_path):
+  meta = sources.metadata(data["config"])
+  cases, hosts, donors = volume25d.open_cases(meta, "train+validation+test", None, None)
+  assert hosts == sorted(c for ids in meta["build"]["cases"].values() for c in ids)
+  spec = runner.GenerateSpec("tumor", seed=0)
+  # A host whose lesions were relabelled kidney has none of its own: a counted skip.
+  planner = volume25d.VolumePlanner(meta, data["config"].data, spec, cases, hosts, donors,
+                                    SIZE, SPACING, lesions="own")
+  bare = planner.load(hosts[0])
+  bare.grid_labels[bare.grid_labels == 2] = 1
+  planner.load = lambda case_id: bare if case_id == hosts[0] else volume25d.load_volume(
+      cases[case_id], ORGANS, SIZE, SPACING)
+  plans = list(planner.plans(2, 0))
+  assert hosts[0] in planner.skipped and "no lesion" in planner.skipped[hosts[0]]
+  assert {p.host.case_id for p in plans} <= set(hosts[1:])
+  with pytest.raises(volume25d.VolumeModeError, match="tumor-scenario option"):
+    volume25d.VolumePlanner(meta, data["config"].data, runner.GenerateSpec("context"), cases,
+                            hosts, donors, SIZE, SPACING, lesions="own")
+  with pytest.raises(volume25d.VolumeModeError, match="split 'nope'"):
+    volume25d.open_cases(meta, "train+nope", None, None)
