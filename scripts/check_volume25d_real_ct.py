@@ -110,8 +110,11 @@ def main():
       out[name] = {"split": split, "hosts": hosts, "metrics": json.load(f),
                    "previews": gen["previews"], "skipped": gen["skipped"]}
   print(json.dumps(out, indent=1))
-  with open(os.path.join(root, f"volume25d_{args.steps}_{args.order}.json"), "w",
-            encoding="utf-8") as f:
+  path = os.path.join(root, f"volume25d_{args.steps}_{args.order}.json")
+  if os.path.exists(path):  # a run of other --scenarios: keep theirs
+    with open(path, encoding="utf-8") as f:
+      out = {**json.load(f), **out}
+  with open(path, "w", encoding="utf-8") as f:
     json.dump(out, f, indent=1)
 
 
