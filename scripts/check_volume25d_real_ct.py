@@ -1,7 +1,10 @@
 """The 2.5D acceptance numbers of issue #14: on the shared real CT (host s01) or the phantom.
 
 `--cohort=s01`: the dataset is scripts/check_tumor_real_ct.py's (s01, s02 and two phantom
-cases with lesions), and the hosts are the split holding s01. `--cohort=phantom`: the
+cases with lesions; s02 has no kidneys), split one case each: the models train on one phantom
+case and the host is s01, held out. `--cohort=s01_train`: s01 + four phantom cases with
+lesions, s01 and two phantoms in the train split: the models have seen real CT kidneys, the
+host s01 is in-sample (the shared data hold no second real kidney). `--cohort=phantom`: the
 quickstart's phantom cohort (16 cases with lesions, seed 0), hosts = its test split. Each is
 built twice: `kidneys` for the context model (configs/context_volume.py) and `kidney_tumor`
 for the neighbour-conditioned tumour model (configs/kidney_tumor_volume.py). Both are trained at
@@ -19,13 +22,14 @@ s01 has no lesion (the shared cases have no tumour label), so on that cohort tum
 hosts are the held-out phantom cases with lesions and s01 is a counted skip.
 
   python scripts/check_volume25d_real_ct.py --output_dir=/tmp/volume25d_real_ct \
-      [--cohort=s01|phantom] [--steps=3600] [--order=outward|inward] \
+      [--cohort=s01|s01_train|phantom] [--steps=3600] [--order=outward|inward] \
       [--scenarios=context,tumor,tumor_own] [--rounds=N]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -40,8 +44,10 @@ def _args():
   p.add_argument("--output_dir", default="/tmp/volume25d_real_ct", help="Work folder.")
   p.add_argument("--shared_dir", default=os.environ.get("CTDIFF_SHARED_DIR", "../shared"),
                  help="The shared folder holding data/totalseg_ct.")
-  p.add_argument("--cohort", choices=("s01", "phantom"), default="s01",
-                 help="s01: the shared real CT; phantom: the quickstart's phantom cohort.")
+  p.add_argument("--cohort", choices=("s01", "s01_train", "phantom"), default="s01",
+                 help="s01: the shared real CT as a held-out host (models trained on a "
+                 "phantom case); s01_train: s01 in the training split (the host is "
+                 "in-sample); phantom: the quickstart's phantom cohort.")
   p.add_argument("--steps", type=int, default=3600, help="Training steps of each model.")
   p.add_argument("--rounds", type=int, default=0, help="Volumes per host (0: 4 for the "
                  "tumour, whose placements differ, 2 for the context box, whose mask does not).")
@@ -51,6 +57,27 @@ def _args():
   p.add_argument("--sampling_steps", type=int, default=10, help="DDIM steps per slice.")
   p.add_argument("--seed", type=int, default=0, help="Seed.")
   return p.parse_args()
+
+
+# s01's case id per cohort: `s01_real` ranks into the train split (ingest/builder.py:
+# assign_splits orders case ids by sha1), `s01` into test.
+S01_IDS = {"s01", "s01_real"}
+
+
+def raw_cases_s01_train(root: str, totalseg: str) -> str:
+  """s01 (as `s01_real`, in the train split) + 4 phantom cases with lesions (2 of them in
+  train): a model that has seen real CT kidneys and tumours; its held-out cases are phantoms."""
+  from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
+  raw = os.path.join(root, "raw")
+  if not os.path.exists(os.path.join(raw, "cases.csv")):
+    phantom.write_cohort(os.path.join(raw, "phantom"), 4, seed=3, lesions=True, progress=False)
+    rows = [("s01_real", f"{totalseg}/s01_ct.nii.gz", f"{totalseg}/s01_seg.nii.gz",
+             f"{totalseg}/labels.json")]
+    rows += [(c, f"phantom/{c}_ct.nii.gz", f"phantom/{c}_seg.nii.gz", "phantom/labels.json")
+             for c in (f"phantom_{i:03d}" for i in range(4))]
+    with open(os.path.join(raw, "cases.csv"), "w", newline="", encoding="utf-8") as f:
+      csv.writer(f).writerows([("case_id", "image", "label", "label_map"), *rows])
+  return raw
 
 
 def main():
@@ -70,9 +97,11 @@ def main():
   if unknown:
     sys.exit(f"--scenarios: unknown {sorted(unknown)}; expected context, tumor, tumor_own")
   root = os.path.abspath(args.output_dir)
+  totalseg = os.path.abspath(os.path.join(args.shared_dir, "data", "totalseg_ct"))
   if args.cohort == "s01":
-    raw = check_tumor_real_ct.raw_cases(
-        root, os.path.abspath(os.path.join(args.shared_dir, "data", "totalseg_ct")))
+    raw = check_tumor_real_ct.raw_cases(root, totalseg)
+  elif args.cohort == "s01_train":
+    raw = raw_cases_s01_train(root, totalseg)
   else:
     from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
     raw = os.path.join(root, "raw")
@@ -88,7 +117,7 @@ def main():
     data_dir = os.path.join(root, f"tfds_{dataset}")
     summary = ingest_build.build(dataset, raw, data_dir, image_size=64, spacing_mm=6.0)
     split = ("test" if args.cohort == "phantom" else
-             next(s for s, ids in summary["cases"].items() if "s01" in ids))
+             next(s for s, ids in summary["cases"].items() if S01_IDS & set(ids)))
     lesions = "own" if name == "tumor_own" else "donor"
     if lesions == "own":  # every held-out case with a lesion of its own is a host
       split = "+".join(s for s in sorted(summary["cases"]) if s != "train")
