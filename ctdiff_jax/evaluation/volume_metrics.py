@@ -179,9 +179,11 @@ def markdown(result: Mapping[str, Any]) -> str:
            f"{result['volumes']} volumes; planes of the generated region's bounding box (+"
            f"{MARGIN} voxels z/rows/cols), window {result['window']} HU; FID(real, arm) "
            f"+- paired bootstrap std, N images per plane; inter-slice = mean |HU(z+1) - HU(z)| "
-           f"inside the mask (closer to real is better).", "",
-           "| arm | FID axial | FID coronal | FID sagittal | inter-slice HU |",
-           "|---|---|---|---|---|"]
+           f"inside the mask (closer to real is better).", ""]
+  if result.get("reference"):
+    lines += [f"real = {result['reference']}.", ""]
+  lines += ["| arm | FID axial | FID coronal | FID sagittal | inter-slice HU |",
+            "|---|---|---|---|---|"]
   for name, r in result["arms"].items():
     cells = []
     for p in PLANES:

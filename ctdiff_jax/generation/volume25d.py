@@ -74,6 +74,13 @@ MAX_TUMOR_TRIES = 20
 # the host organ (new data); `own` one of the host's own lesions, regenerated where it is
 # (labels unchanged: the real volume is a reference with a real lesion, for volume metrics).
 LESION_SOURCES = ("donor", "own")
+# What the "real" arm of volume_metrics is, per (scenario, lesions).
+REFERENCES = {
+    None: "the source volumes",
+    ("tumor", "donor"): ("the tumour-free hosts: a placed tumour has no real counterpart, and "
+                         "any lesion moves every measure away from them (--volume_lesions=own "
+                         "measures against real lesions)"),
+    ("tumor", "own"): "the source volumes, each with the real lesion that was regenerated"}
 MANIFEST_COLUMNS = (
     "index", "scenario", "source_case", "source_split", "round", "seed", "checkpoint_step",
     "mode", "order", "lesions", "source_image", "mask_voxels", "slices_generated", "z_first", "z_last",
@@ -683,6 +690,7 @@ def generate(config, checkpoint, spec, output_dir: str, *, manual_dir: str | Non
         [p.host.grid_hu for p in plans], arms, [p.mask for p in plans],
         window=tuple(ev.get("fid_window", window)), bootstrap=min(int(ev.get("bootstrap", 10)), 10),
         batch_size=int(ev.get("fid_batch_size", 32)))
+    result["reference"] = REFERENCES.get((spec.scenario, lesions), REFERENCES[None])
     summary.update(volume_metrics.write(output_dir, result))
   return summary
 

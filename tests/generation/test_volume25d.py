@@ -307,6 +307,8 @@ def test_paired_comparison_of_two_arms():
   for key, c in comp.items():
     assert back[key]["delta"] == pytest.approx(-c["delta"])
   assert "How much closer to real 2.5D is than independent" in volume_metrics.markdown(res)
+  assert "real = the hosts." in volume_metrics.markdown({**res, "reference": "the hosts"})
+  assert "real = " not in volume_metrics.markdown(res)
 
 
 @pytest.mark.parametrize("zs", [[2, 3, 4, 5, 6], [1, 2, 3, 4], [5]])
