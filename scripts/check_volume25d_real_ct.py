@@ -2,9 +2,11 @@
 
 `--cohort=s01`: the dataset is scripts/check_tumor_real_ct.py's (s01, s02 and two phantom
 cases with lesions; s02 has no kidneys), split one case each: the models train on one phantom
-case and the host is s01, held out. `--cohort=s01_train`: s01 + four phantom cases with
-lesions, s01 and two phantoms in the train split: the models have seen real CT kidneys, the
-host s01 is in-sample (the shared data hold no second real kidney). `--cohort=phantom`: the
+case and the host is s01, held out. `--cohort=s01_phantoms`: s01 + the phantom cohort's 16
+cases; the models train on 13 phantoms, the host s01 is held out (test). `--cohort=s01_train`:
+the same cases, s01 in the train split with 12 phantoms: the models have seen real CT kidneys
+and the host s01 is in-sample (as when a user makes synthetic data from their training scans;
+the shared data hold no second real kidney). `--cohort=phantom`: the
 quickstart's phantom cohort (16 cases with lesions, seed 0), hosts = its test split. Each is
 built twice: `kidneys` for the context model (configs/context_volume.py) and `kidney_tumor`
 for the neighbour-conditioned tumour model (configs/kidney_tumor_volume.py). Both are trained at
@@ -22,7 +24,7 @@ s01 has no lesion (the shared cases have no tumour label), so on that cohort tum
 hosts are the held-out phantom cases with lesions and s01 is a counted skip.
 
   python scripts/check_volume25d_real_ct.py --output_dir=/tmp/volume25d_real_ct \
-      [--cohort=s01|s01_train|phantom] [--steps=3600] [--order=outward|inward] \
+      [--cohort=s01|s01_phantoms|s01_train|phantom] [--steps=3600] [--order=outward|inward] \
       [--scenarios=context,tumor,tumor_own] [--rounds=N]
 """
 
@@ -44,10 +46,11 @@ def _args():
   p.add_argument("--output_dir", default="/tmp/volume25d_real_ct", help="Work folder.")
   p.add_argument("--shared_dir", default=os.environ.get("CTDIFF_SHARED_DIR", "../shared"),
                  help="The shared folder holding data/totalseg_ct.")
-  p.add_argument("--cohort", choices=("s01", "s01_train", "phantom"), default="s01",
-                 help="s01: the shared real CT as a held-out host (models trained on a "
-                 "phantom case); s01_train: s01 in the training split (the host is "
-                 "in-sample); phantom: the quickstart's phantom cohort.")
+  p.add_argument("--cohort", choices=("s01", "s01_phantoms", "s01_train", "phantom"),
+                 default="s01", help="s01: the shared real CT as a held-out host (models "
+                 "trained on one phantom case); s01_phantoms: held out, models trained on 13 "
+                 "phantom cases; s01_train: s01 in the training split (in-sample host); "
+                 "phantom: the quickstart's phantom cohort.")
   p.add_argument("--steps", type=int, default=3600, help="Training steps of each model.")
   p.add_argument("--rounds", type=int, default=0, help="Volumes per host (0: 4 for the "
                  "tumour, whose placements differ, 2 for the context box, whose mask does not).")
@@ -59,22 +62,21 @@ def _args():
   return p.parse_args()
 
 
-# s01's case id per cohort: `s01_real` ranks into the train split (ingest/builder.py:
-# assign_splits orders case ids by sha1), `s01` into test.
+# s01's case id per cohort: with the 16 phantom cases, `s01_real` ranks into the train split
+# (ingest/builder.py: assign_splits orders case ids by sha1) and `s01` into test.
 S01_IDS = {"s01", "s01_real"}
 
 
-def raw_cases_s01_train(root: str, totalseg: str) -> str:
-  """s01 (as `s01_real`, in the train split) + 4 phantom cases with lesions (2 of them in
-  train): a model that has seen real CT kidneys and tumours; its held-out cases are phantoms."""
+def raw_cases_with_phantoms(root: str, totalseg: str, s01_id: str) -> str:
+  """s01 (as `s01_id`) + the phantom cohort's 16 cases with lesions (seed 0)."""
   from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
   raw = os.path.join(root, "raw")
   if not os.path.exists(os.path.join(raw, "cases.csv")):
-    phantom.write_cohort(os.path.join(raw, "phantom"), 4, seed=3, lesions=True, progress=False)
-    rows = [("s01_real", f"{totalseg}/s01_ct.nii.gz", f"{totalseg}/s01_seg.nii.gz",
+    phantom.write_cohort(os.path.join(raw, "phantom"), 16, seed=0, lesions=True, progress=False)
+    rows = [(s01_id, f"{totalseg}/s01_ct.nii.gz", f"{totalseg}/s01_seg.nii.gz",
              f"{totalseg}/labels.json")]
     rows += [(c, f"phantom/{c}_ct.nii.gz", f"phantom/{c}_seg.nii.gz", "phantom/labels.json")
-             for c in (f"phantom_{i:03d}" for i in range(4))]
+             for c in (f"phantom_{i:03d}" for i in range(16))]
     with open(os.path.join(raw, "cases.csv"), "w", newline="", encoding="utf-8") as f:
       csv.writer(f).writerows([("case_id", "image", "label", "label_map"), *rows])
   return raw
@@ -100,8 +102,9 @@ def main():
   totalseg = os.path.abspath(os.path.join(args.shared_dir, "data", "totalseg_ct"))
   if args.cohort == "s01":
     raw = check_tumor_real_ct.raw_cases(root, totalseg)
-  elif args.cohort == "s01_train":
-    raw = raw_cases_s01_train(root, totalseg)
+  elif args.cohort in ("s01_train", "s01_phantoms"):
+    raw = raw_cases_with_phantoms(root, totalseg,
+                                  "s01_real" if args.cohort == "s01_train" else "s01")
   else:
     from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
     raw = os.path.join(root, "raw")
