@@ -79,6 +79,8 @@ def _define_flags():
                     "--scenario=tumor: donor places a 3D tumour of another case in the host "
                     "organ; own regenerates one of the host's own lesions in place (a real-lesion "
                     "reference for --volume_metrics).")
+  flags.DEFINE_list("volume_cases", None, "Volume mode: only these case ids of --split are "
+                    "hosts (default: every case of it).")
   flags.DEFINE_string("manual_dir", None, "Volume mode: the raw cases (default: "
                       "config.manual_dir, else the dataset build's).")
   flags.DEFINE_bool("volume_metrics", False, "Volume mode: also generate the volumes slice by "
@@ -112,6 +114,9 @@ def main(argv: Sequence[str]) -> None:
       margin_mm=fl.margin_mm, mask_file=fl.mask_file, offset=fl.offset,
       blend_px=fl.blend_px, donor_split=fl.donor_split, formats=fl.formats, tfds=fl.tfds,
       volumes=fl.volumes, overwrite=fl.overwrite)
+  if fl.volume_cases and not fl.volume_mode:
+    raise app.UsageError("--volume_cases chooses the hosts of --volume_mode=2.5d: add it, or "
+                         "drop --volume_cases")
   if fl.volume_lesions != "donor" and not (fl.volume_mode and fl.scenario == "tumor"):
     raise app.UsageError("--volume_lesions is a volume-mode option of the tumor scenario: add "
                          "--volume_mode=2.5d --scenario=tumor, or drop it")
@@ -121,7 +126,8 @@ def main(argv: Sequence[str]) -> None:
                            "drop --distributed/--num_processes/--tfds/--volumes")
     summary = volume25d.generate(fl.config, checkpoint, spec, fl.output_dir,
                                  manual_dir=fl.manual_dir, compare=fl.volume_metrics,
-                                 order=fl.volume_order, lesions=fl.volume_lesions)
+                                 order=fl.volume_order, lesions=fl.volume_lesions,
+                                 only=fl.volume_cases)
     print(volume25d.format_summary(summary))
     return
   summary = runner.generate(fl.config, checkpoint, spec, fl.output_dir, shard=_shard(fl))

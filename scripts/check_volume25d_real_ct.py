@@ -125,6 +125,8 @@ def main():
     if lesions == "own":  # every held-out case with a lesion of its own is a host
       split = "+".join(s for s in sorted(summary["cases"]) if s != "train")
     hosts = [c for s in split.split("+") for c in summary["cases"][s]]
+    if args.cohort != "phantom" and lesions == "donor":  # s01 alone, not its split mates
+      hosts = sorted(S01_IDS & set(hosts))
     config = quickstart.smoke_config(module, data_dir=data_dir, image_size=64, spacing_mm=6.0,
                                      steps=args.steps, seed=args.seed,
                                      sampling_steps=args.sampling_steps)
@@ -136,7 +138,8 @@ def main():
                                overwrite=True)
     gen = volume25d.generate(config, workdir, spec,
                              os.path.join(root, f"gen_{name}_{args.steps}_{args.order}"),
-                             compare=True, order=args.order, lesions=lesions, progress=False)
+                             compare=True, order=args.order, lesions=lesions, only=hosts,
+                             progress=False)
     print(volume25d.format_summary(gen), flush=True)
     with open(gen["metrics_json"], encoding="utf-8") as f:
       out[name] = {"split": split, "hosts": hosts, "metrics": json.load(f),

@@ -631,7 +631,7 @@ def _inpainter(config, checkpoint, spec):
 
 def generate(config, checkpoint, spec, output_dir: str, *, manual_dir: str | None = None,
              compare: bool = False, order: str = DEFAULT_ORDER, lesions: str = "donor",
-             progress: bool = True) -> dict[str, Any]:
+             only: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
   """`spec.num_samples` 2.5D volumes of `spec`'s scenario into `output_dir` (module docstring).
 
   `checkpoint`: a workdir / checkpoints dir or an inference.Inpainter. With `compare`, the
@@ -640,6 +640,7 @@ def generate(config, checkpoint, spec, output_dir: str, *, manual_dir: str | Non
   `order`: the slice order of the 2.5D arm (VolumePlan.order). `lesions` (tumor scenario):
   `donor` places another case's tumour; `own` regenerates one of the host's own lesions in
   place, so the real volume is a reference that holds a real lesion (LESION_SOURCES).
+  `only`: these case ids of the split are the hosts (default: all of them).
   """
   from ctdiff_jax.data import sources  # pylint: disable=g-import-not-at-top
   from ctdiff_jax.generation import runner  # pylint: disable=g-import-not-at-top
@@ -652,6 +653,12 @@ def generate(config, checkpoint, spec, output_dir: str, *, manual_dir: str | Non
   split = spec.split or config.eval_split
   cases, hosts, donors = open_cases(meta, split, manual_dir or config.get("manual_dir"),
                                     spec.donor_split)
+  if only:
+    missing = sorted(set(only) - set(hosts))
+    if missing:
+      raise VolumeModeError(f"cases {missing} are not in split {split!r} of "
+                            f"{meta.get('dataset')} (its cases: {hosts[:8]})")
+    hosts = [c for c in hosts if c in set(only)]
   planner = VolumePlanner(meta, config.data, spec, cases, hosts, donors, config.image_size,
                           config.spacing_mm, where=f"split {split!r} of {meta.get('dataset')}",
                           lesions=lesions)

@@ -398,3 +398,15 @@ def test_own_lesions_skip_hosts_without_one_and_other_scenarios_refuse(data, tmp
                             hosts, donors, SIZE, SPACING, lesions="own")
   with pytest.raises(volume25d.VolumeModeError, match="split 'nope'"):
     volume25d.open_cases(meta, "train+nope", None, None)
+
+
+def test_only_the_chosen_cases_are_hosts(data, tmp_path):
+  meta = sources.metadata(data["config"])
+  _, hosts, _ = volume25d.open_cases(meta, "train+validation+test", None, None)
+  spec = runner.GenerateSpec("context", num_samples=2, seed=0, split="train+validation+test")
+  summary = volume25d.generate(data["config"], data["inpainter"], spec, str(tmp_path / "one"),
+                               only=[hosts[-1]], progress=False)
+  assert [r["source_case"] for r in summary["rows"]] == [hosts[-1]] * 2
+  with pytest.raises(volume25d.VolumeModeError, match=r"cases \['nope'\] are not in split"):
+    volume25d.generate(data["config"], data["inpainter"], spec, str(tmp_path / "x"),
+                       only=["nope"], progress=False)
