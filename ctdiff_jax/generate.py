@@ -4,7 +4,8 @@
       --scenario=organ --output_dir=synthetic --num_samples=64 [--seed=0 --split=test \
       --steps=50 --sampler=ddim --labels=1,2 --margin_mm=10 --mask_file=M.npy \
       --offset=dy,dx --donor_split=train --formats=nifti,png --tfds --volumes \
-      --checkpoint_step=N --overwrite] [--volume_mode=2.5d --manual_dir=RAW --volume_metrics]
+      --checkpoint_step=N --overwrite] [--volume_mode=2.5d --manual_dir=RAW --volume_metrics
+      --volume_order=inward --volume_lesions=donor|own --volume_cases=ID,...]
       [--distributed | --num_processes=P --process_id=p]
   python -m ctdiff_jax.generate --merge --output_dir=synthetic   (joins the parts of P processes)
 
