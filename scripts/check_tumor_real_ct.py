@@ -33,21 +33,22 @@ def _args():
   return p.parse_args()
 
 
-def raw_cases(root: str, totalseg: str) -> str:
-  """The raw cases (s01, s02 + two phantom cases with lesions) under root/raw; returns it."""
+def raw_cases(root: str, totalseg: str, real: dict[str, str] | None = None,
+              num_phantoms: int = 2, phantom_seed: int = 3) -> str:
+  """The raw cases under root/raw (cases.csv); returns it. `real`: case id -> shared case
+  (default s01, s02 as themselves), then `num_phantoms` phantom cases with lesions."""
   from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
   raw = os.path.join(root, "raw")
   if not os.path.exists(os.path.join(raw, "cases.csv")):
-    phantom.write_cohort(os.path.join(raw, "phantom"), 2, seed=3, lesions=True, progress=False)
-    with open(os.path.join(raw, "cases.csv"), "w", newline="") as f:
-      w = csv.writer(f)
-      w.writerow(["case_id", "image", "label", "label_map"])
-      for case in ("s01", "s02"):
-        w.writerow([case, f"{totalseg}/{case}_ct.nii.gz", f"{totalseg}/{case}_seg.nii.gz",
-                    f"{totalseg}/labels.json"])
-      for case in ("phantom_000", "phantom_001"):
-        w.writerow([case, f"phantom/{case}_ct.nii.gz", f"phantom/{case}_seg.nii.gz",
-                    "phantom/labels.json"])
+    phantom.write_cohort(os.path.join(raw, "phantom"), num_phantoms, seed=phantom_seed,
+                         lesions=True, progress=False)
+    rows = [(case_id, f"{totalseg}/{shared}_ct.nii.gz", f"{totalseg}/{shared}_seg.nii.gz",
+             f"{totalseg}/labels.json")
+            for case_id, shared in (real or {"s01": "s01", "s02": "s02"}).items()]
+    rows += [(c, f"phantom/{c}_ct.nii.gz", f"phantom/{c}_seg.nii.gz", "phantom/labels.json")
+             for c in (f"phantom_{i:03d}" for i in range(num_phantoms))]
+    with open(os.path.join(raw, "cases.csv"), "w", newline="", encoding="utf-8") as f:
+      csv.writer(f).writerows([("case_id", "image", "label", "label_map"), *rows])
   return raw
 
 

@@ -31,7 +31,6 @@ hosts are the held-out phantom cases with lesions and s01 is a counted skip.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -67,21 +66,6 @@ def _args():
 S01_IDS = {"s01", "s01_real"}
 
 
-def raw_cases_with_phantoms(root: str, totalseg: str, s01_id: str) -> str:
-  """s01 (as `s01_id`) + the phantom cohort's 16 cases with lesions (seed 0)."""
-  from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
-  raw = os.path.join(root, "raw")
-  if not os.path.exists(os.path.join(raw, "cases.csv")):
-    phantom.write_cohort(os.path.join(raw, "phantom"), 16, seed=0, lesions=True, progress=False)
-    rows = [(s01_id, f"{totalseg}/s01_ct.nii.gz", f"{totalseg}/s01_seg.nii.gz",
-             f"{totalseg}/labels.json")]
-    rows += [(c, f"phantom/{c}_ct.nii.gz", f"phantom/{c}_seg.nii.gz", "phantom/labels.json")
-             for c in (f"phantom_{i:03d}" for i in range(16))]
-    with open(os.path.join(raw, "cases.csv"), "w", newline="", encoding="utf-8") as f:
-      csv.writer(f).writerows([("case_id", "image", "label", "label_map"), *rows])
-  return raw
-
-
 def main():
   args = _args()
   # pylint: disable=g-import-not-at-top
@@ -102,9 +86,10 @@ def main():
   totalseg = os.path.abspath(os.path.join(args.shared_dir, "data", "totalseg_ct"))
   if args.cohort == "s01":
     raw = check_tumor_real_ct.raw_cases(root, totalseg)
-  elif args.cohort in ("s01_train", "s01_phantoms"):
-    raw = raw_cases_with_phantoms(root, totalseg,
-                                  "s01_real" if args.cohort == "s01_train" else "s01")
+  elif args.cohort in ("s01_train", "s01_phantoms"):  # s01 + the phantom cohort's 16 cases
+    s01_id = "s01_real" if args.cohort == "s01_train" else "s01"
+    raw = check_tumor_real_ct.raw_cases(root, totalseg, real={s01_id: "s01"},
+                                        num_phantoms=16, phantom_seed=0)
   else:
     from ctdiff_jax import phantom  # pylint: disable=g-import-not-at-top
     raw = os.path.join(root, "raw")

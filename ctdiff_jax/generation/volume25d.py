@@ -83,8 +83,8 @@ REFERENCES = {
     ("tumor", "own"): "the source volumes, each with the real lesion that was regenerated"}
 MANIFEST_COLUMNS = (
     "index", "scenario", "source_case", "source_split", "round", "seed", "checkpoint_step",
-    "mode", "order", "lesions", "source_image", "mask_voxels", "slices_generated", "z_first", "z_last",
-    "seed_slice", "donor_case", "donor_slices", "tumour_slices", "offset", "ct_file",
+    "mode", "order", "lesions", "source_image", "mask_voxels", "slices_generated", "z_first",
+    "z_last", "seed_slice", "donor_case", "donor_slices", "tumour_slices", "offset", "ct_file",
     "seg_file", "mask_file", "preview")
 
 
@@ -658,7 +658,7 @@ def generate(config, checkpoint, spec, output_dir: str, *, manual_dir: str | Non
     if missing:
       raise VolumeModeError(f"cases {missing} are not in split {split!r} of "
                             f"{meta.get('dataset')} (its cases: {hosts[:8]})")
-    hosts = [c for c in hosts if c in set(only)]
+    hosts = [c for c in hosts if c in only]
   planner = VolumePlanner(meta, config.data, spec, cases, hosts, donors, config.image_size,
                           config.spacing_mm, where=f"split {split!r} of {meta.get('dataset')}",
                           lesions=lesions)
